@@ -1,0 +1,105 @@
+"""The scan encoder of the control branch: CT/MR intensities → features at the base's working size.
+
+ControlNet's stock conditioning embedding expects an RGB edge map in [0, 1].  A CT slice is
+Hounsfield units spanning −1000 … +3000, where organs differ by a few tens of HU, so the encoder
+first looks at the slice through several fixed intensity windows (what a radiologist does) plus
+a per-slice standardised channel (what makes MR usable), then reduces it with residual conv
+stages to the resolution of the base UNet's first block.  Its last convolution is zero-initialised,
+as in ControlNet, so an untrained branch adds nothing to the base.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# (centre, width) in HU: soft tissue, liver/contrast, bone, lung.
+DEFAULT_WINDOWS: tuple[tuple[float, float], ...] = ((40.0, 400.0), (80.0, 200.0), (400.0, 1800.0), (-600.0, 1500.0))
+
+
+class IntensityWindows(nn.Module):
+    """Raw intensities [B,1,H,W] → [B, len(windows)+1, H, W] in [-1, 1] (windows) plus a z-scored channel."""
+
+    def __init__(self, windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS):
+        super().__init__()
+        centres = torch.tensor([c for c, _ in windows], dtype=torch.float32).view(1, -1, 1, 1)
+        widths = torch.tensor([w for _, w in windows], dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("centres", centres, persistent=False)
+        self.register_buffer("widths", widths, persistent=False)
+
+    @property
+    def out_channels(self) -> int:
+        return self.centres.shape[1] + 1
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.float()
+        windowed = ((x - self.centres) / self.widths * 2.0).clamp(-1.0, 1.0)
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        std = x.std(dim=(2, 3), keepdim=True).clamp_min(1e-3)
+        standardised = ((x - mean) / std).clamp(-5.0, 5.0) / 5.0
+        return torch.cat([windowed, standardised], dim=1).to(image.dtype if image.is_floating_point() else x.dtype)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        groups = min(8, channels)
+        self.body = nn.Sequential(
+            nn.GroupNorm(groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ScanEncoder(nn.Module):
+    """Replaces `ControlNetModel.controlnet_cond_embedding`.
+
+    `downsample` stride-2 stages take the image from its input size to the base's working size
+    (0 for the compact pixel-space base, 3 for a Stable Diffusion VAE's 8× latent space).
+    """
+
+    def __init__(
+        self,
+        out_channels: int,
+        downsample: int = 0,
+        channels: tuple[int, ...] = (32, 64),
+        blocks_per_stage: int = 1,
+        windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS,
+    ):
+        super().__init__()
+        self.config = {
+            "out_channels": out_channels,
+            "downsample": downsample,
+            "channels": list(channels),
+            "blocks_per_stage": blocks_per_stage,
+            "windows": [list(w) for w in windows],
+        }
+        self.windows = IntensityWindows(windows)
+        # One stage per entry of `channels`; the first `downsample` stages after the first halve the size.
+        channels = tuple(channels) + (channels[-1],) * max(0, downsample + 1 - len(channels))
+        width = channels[0]
+        layers: list[nn.Module] = [nn.Conv2d(self.windows.out_channels, width, 3, padding=1)]
+        for stage, stage_width in enumerate(channels):
+            if stage > 0:
+                stride = 2 if stage <= downsample else 1
+                layers.append(nn.Conv2d(width, stage_width, 3, padding=1, stride=stride))
+                width = stage_width
+            layers.extend(ResidualBlock(width) for _ in range(blocks_per_stage))
+        layers.append(nn.SiLU())
+        self.body = nn.Sequential(*layers)
+        self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        """Anatomy features before the zero convolution (a deterministic head can be trained on them)."""
+        return self.body(self.windows(image).to(self.conv_out.weight.dtype))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.features(image))

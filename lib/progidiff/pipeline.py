@@ -1,0 +1,185 @@
+"""Sampling N mask proposals for B slices × P organs in one batched denoising loop.
+
+Shaped like diffusers' ControlNet pipeline: `check_inputs` → `encode_prompt` → `prepare_condition`
+→ `prepare_latents` → `denoise` (progress bar) → `decode`, one method a step.
+
+Reproducibility: the starting noise of proposal k for slice s and organ o is drawn from its own
+generator seeded by (seed, k, s, o), so a proposal does not change when the batch is chunked
+differently or when other organs are asked for in the same request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .geometry import from_square, to_square
+from .model import ProGiDiffModel, resolve_base
+from .prompts import organ_text
+from .schedulers import make_sampler
+from .text import PromptEncoder, load_prompt_encoder
+
+logger = logging.getLogger(__name__)
+
+MAX_STEPS = 1000
+
+
+@dataclass
+class ProposalOutput:
+    """`probabilities` [N, B, P, H, W]: foreground probability of proposal n, slice b, organ p (CPU, float32)."""
+
+    probabilities: torch.Tensor
+    organs: list[str]
+    seed: int
+
+
+def proposal_seed(seed: int, proposal: int, slice_index: int, organ: str) -> int:
+    """A stable 63-bit seed per (request seed, proposal, slice, organ); Python's hash() is salted per process."""
+    digest = hashlib.sha256(f"{seed}:{proposal}:{slice_index}:{organ}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """bf16 (or fp16 where bf16 is missing) on CUDA, full fp32 on the CPU, unless told otherwise."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    if precision in ("fp16", "auto"):
+        return torch.float16
+    raise ValueError(f"Unknown precision {precision!r}; accepted: auto, fp32, bf16, fp16")
+
+
+def prompt_encoder_for(model: ProGiDiffModel, model_dir: str | Path | None = None) -> PromptEncoder:
+    config = model.config
+    base = resolve_base(config.base, Path(model_dir) if model_dir else Path.cwd()) if config.is_latent else None
+    return load_prompt_encoder(config.text_encoder, base, config.text_max_length)
+
+
+class ProGiDiffPipeline:
+    def __init__(
+        self,
+        model: ProGiDiffModel,
+        prompt_encoder: PromptEncoder,
+        scheduler: str = "ddim",
+        device: torch.device | str | None = None,
+        precision: str = "auto",
+        show_progress: bool = True,
+    ):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device).eval()
+        self.prompt_encoder = prompt_encoder
+        self.scheduler_name = scheduler
+        self.autocast = autocast_dtype(self.device, precision)
+        self.show_progress = show_progress
+        make_sampler(scheduler, model.scheduler_config)  # fail now on a bad name, not mid-request
+        if prompt_encoder.hidden_size != model.unet.config.cross_attention_dim:
+            raise ValueError(
+                f"Text encoder width {prompt_encoder.hidden_size} does not match the UNet's cross-attention "
+                f"width {model.unet.config.cross_attention_dim}"
+            )
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, **kwargs) -> "ProGiDiffPipeline":
+        """Model folder → ready pipeline, with the text encoder the model was trained with."""
+        model = ProGiDiffModel.from_pretrained(model_dir)
+        return cls(model, prompt_encoder_for(model, model_dir), **kwargs)
+
+    @classmethod
+    def from_model(cls, model: ProGiDiffModel, **kwargs) -> "ProGiDiffPipeline":
+        return cls(model, prompt_encoder_for(model), **kwargs)
+
+    # ---- steps ---------------------------------------------------------------------------------
+    def check_inputs(self, images: torch.Tensor, organs: list[str], num_proposals: int, steps: int) -> None:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 1:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a tensor [B, 1, H, W] of slices; got {shape}")
+        if images.shape[0] == 0 or min(images.shape[2:]) < 2:
+            raise ValueError(f"images must hold at least one slice of at least 2×2 pixels; got {tuple(images.shape)}")
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or infinite values")
+        if not organs:
+            raise ValueError("at least one organ is needed")
+        if not isinstance(num_proposals, int) or num_proposals < 1:
+            raise ValueError(f"num_proposals must be a positive integer; got {num_proposals!r}")
+        if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}; got {steps!r}")
+
+    def encode_prompt(self, organs: list[str]) -> torch.Tensor:
+        """Organ names → text embeddings [P, L, D] on the device."""
+        return self.prompt_encoder.encode([organ_text(o) for o in organs]).to(self.device)
+
+    def prepare_condition(self, images: torch.Tensor) -> torch.Tensor:
+        """Slices of any shape → [B, 1, S, S] at the model's image size, raw intensities kept."""
+        return to_square(images.float(), self.model.config.image_size).to(self.device)
+
+    def prepare_latents(
+        self, num_proposals: int, slice_indices: list[int], organs: list[str], seed: int
+    ) -> torch.Tensor:
+        """Starting noise [N·B·P, C, h, w], ordered proposal-major, then slice, then organ."""
+        size, channels = self.model.working_size, self.model.mask_channels
+        noise = []
+        for k in range(num_proposals):
+            for s in slice_indices:
+                for organ in organs:
+                    generator = torch.Generator().manual_seed(proposal_seed(seed, k, s, organ))
+                    noise.append(torch.randn(channels, size, size, generator=generator))
+        return torch.stack(noise).to(self.device)
+
+    def denoise(
+        self, latents: torch.Tensor, text: torch.Tensor, condition: torch.Tensor, steps: int, seed: int
+    ) -> torch.Tensor:
+        scheduler = make_sampler(self.scheduler_name, self.model.scheduler_config)
+        scheduler.set_timesteps(steps, device=self.device)
+        latents = latents * scheduler.init_noise_sigma
+        generator = torch.Generator(device=self.device).manual_seed(seed)  # only stochastic samplers use it
+        for t in tqdm(scheduler.timesteps, desc="denoising", disable=not self.show_progress, leave=False):
+            model_input = scheduler.scale_model_input(latents, t)
+            timesteps = t.expand(latents.shape[0]).to(self.device)
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                prediction = self.model(model_input, timesteps, text, condition)
+            latents = scheduler.step(prediction.float(), t, latents, generator=generator).prev_sample
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            return self.model.decode_mask(latents).float()
+
+    # ---- the whole flow ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(
+        self,
+        images: torch.Tensor,
+        organs: list[str],
+        num_proposals: int = 5,
+        steps: int = 10,
+        seed: int = 0,
+        slice_indices: list[int] | None = None,
+    ) -> ProposalOutput:
+        """Sample `num_proposals` masks per slice and organ; probabilities come back at the slices' size."""
+        self.check_inputs(images, organs, num_proposals, steps)
+        b, p, n = images.shape[0], len(organs), num_proposals
+        slice_indices = list(range(b)) if slice_indices is None else list(slice_indices)
+
+        text = self.encode_prompt(organs)  # [P, L, D]
+        condition = self.prepare_condition(images)  # [B, 1, S, S]
+        latents = self.prepare_latents(n, slice_indices, organs, seed)  # [N·B·P, C, h, w]
+
+        # Batch order is (proposal, slice, organ): repeat text over N·B, condition over organs and N.
+        text = text.repeat(n * b, 1, 1)
+        condition = condition.repeat_interleave(p, dim=0).repeat(n, 1, 1, 1)
+        latents = self.denoise(latents, text, condition, steps, seed)
+
+        probabilities = self.decode(latents)  # [N·B·P, 1, S, S]
+        probabilities = from_square(probabilities, images.shape[2], images.shape[3])
+        probabilities = probabilities.reshape(n, b, p, images.shape[2], images.shape[3]).cpu()
+        return ProposalOutput(probabilities=probabilities, organs=list(organs), seed=seed)

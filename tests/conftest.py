@@ -1,0 +1,54 @@
+"""Shared fixtures: small models and the packaged text encoder, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from progidiff.model import ProGiDiffConfig, ProGiDiffModel  # noqa: E402
+from progidiff.text import PromptEncoder, packaged_minilm_dir  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def minilm() -> PromptEncoder:
+    return PromptEncoder(packaged_minilm_dir())
+
+
+@pytest.fixture
+def small_config() -> ProGiDiffConfig:
+    """A compact model small enough for fast tests (image 32 px, mask 16 px)."""
+    return ProGiDiffConfig(image_size=32, mask_size=16, compact_channels=(8, 16), encoder_channels=(8, 8))
+
+
+@pytest.fixture
+def small_model(small_config: ProGiDiffConfig) -> ProGiDiffModel:
+    torch.manual_seed(0)
+    return ProGiDiffModel.from_config(small_config)
+
+
+ZERO_CONVOLUTIONS = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+
+
+def wake_control_branch(model: ProGiDiffModel, scale: float = 0.05) -> None:
+    """Give the zero convolutions random weights, as training would, so the branch has an effect."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.controlnet.named_parameters():
+            if name.startswith(ZERO_CONVOLUTIONS):
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def requires_shared_data() -> pytest.MarkDecorator:
+    return pytest.mark.skipif(
+        not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent (team data beside the checkout; not in a fresh clone)"
+    )

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from conftest import wake_control_branch
+from progidiff.image_encoder import IntensityWindows
+from progidiff.model import ProGiDiffConfig, ProGiDiffModel
+
+
+def _inputs(model: ProGiDiffModel, batch: int = 2):
+    size = model.working_size
+    generator = torch.Generator().manual_seed(0)
+    noisy = torch.randn(batch, model.mask_channels, size, size, generator=generator)
+    image = torch.randn(batch, 1, model.config.image_size, model.config.image_size, generator=generator) * 400
+    timesteps = torch.tensor([10, 900])[:batch]
+    text = torch.randn(batch, 16, model.unet.config.cross_attention_dim, generator=generator)
+    return noisy, timesteps, text, image
+
+
+@pytest.mark.parametrize("image_size, mask_size", [(32, 16), (64, 64)])
+def test_forward_shapes(image_size, mask_size):
+    config = ProGiDiffConfig(image_size=image_size, mask_size=mask_size, compact_channels=(8, 16), encoder_channels=(8,))
+    model = ProGiDiffModel.from_config(config)
+    noisy, timesteps, text, image = _inputs(model)
+    with torch.no_grad():
+        out = model(noisy, timesteps, text, image)
+    assert model.working_size == mask_size
+    assert out.shape == (2, 1, mask_size, mask_size)
+
+
+def test_untrained_branch_leaves_base_output_unchanged(small_model):
+    noisy, timesteps, text, image = _inputs(small_model)
+    with torch.no_grad():
+        base = small_model.unet(noisy, timesteps, encoder_hidden_states=text).sample
+        steered = small_model(noisy, timesteps, text, image)
+        assert torch.equal(base, steered)
+        wake_control_branch(small_model)
+        assert not torch.allclose(base, small_model(noisy, timesteps, text, image))
+
+
+def test_branch_output_depends_on_the_scan(small_model):
+    wake_control_branch(small_model)
+    noisy, timesteps, text, image = _inputs(small_model)
+    with torch.no_grad():
+        a = small_model(noisy, timesteps, text, image)
+        b = small_model(noisy, timesteps, text, image + 300)
+    assert not torch.allclose(a, b)
+
+
+def test_compact_base_trains_with_branch_by_default(small_model):
+    assert all(p.requires_grad for p in small_model.unet.parameters())
+    assert all(p.requires_grad for p in small_model.controlnet.parameters())
+
+
+def test_intensity_windows_map_hu_to_unit_range():
+    windows = IntensityWindows(((40.0, 400.0),))
+    hu = torch.tensor([-1000.0, 40.0, 240.0, 3000.0]).view(1, 1, 2, 2)
+    out = windows(hu)
+    assert out.shape == (1, 2, 2, 2)
+    assert torch.allclose(out[0, 0].flatten(), torch.tensor([-1.0, 0.0, 1.0, 1.0]))
+    assert out.abs().max() <= 1.0
+
+
+def test_encode_decode_mask_round_trip(small_model):
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    probability = small_model.decode_mask(small_model.encode_mask(mask))
+    assert probability.shape == (1, 1, 32, 32)
+    assert ((probability >= 0.5) == mask.bool()).float().mean() > 0.95
