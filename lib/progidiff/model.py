@@ -41,6 +41,7 @@ class ProGiDiffConfig:
 
     base: str = "compact"  # "compact" or a local Stable-Diffusion-layout folder
     image_size: int = 128  # side of the square slice fed to the scan encoder
+    spacing_mm: float = 3.0  # in-plane spacing slices are resampled to before they reach the model (0: keep)
     mask_size: int = 64  # compact base: side of the denoised mask (0: same as image_size)
     text_encoder: str = "minilm"  # "minilm" (packaged), "base" (the SD folder's CLIP) or a local folder
     text_max_length: int = 16

@@ -1,0 +1,82 @@
+"""TaskConfig of the ProGiDiff model: `--conf` keys → settings, model folder, infer task."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from monailabel.interfaces.config import TaskConfig
+
+from lib.infers.progidiff import ProGiDiffInfer
+from progidiff.labels import ORGAN_IDS
+from progidiff.model import CONFIG_NAME, ProGiDiffConfig, ProGiDiffModel
+from progidiff.pipeline import default_device
+from progidiff.schedulers import SAMPLERS
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "progidiff_ct"
+
+
+@dataclass
+class AppSettings:
+    """The `--conf` keys of the app, with their defaults (documented in the README)."""
+
+    base_model: str = "compact"
+    model_path: str = ""
+    num_proposals: int = 5
+    max_proposals: int = 10
+    steps: int = 10
+    scheduler: str = "ddim"
+    device: str = "auto"
+    precision: str = "auto"
+    slice_batch: int = 8
+
+    @classmethod
+    def from_conf(cls, conf: dict[str, str], default_model_path: Path) -> "AppSettings":
+        settings = cls()
+        for key, default in vars(cls()).items():
+            if key in conf and conf[key] != "":
+                try:
+                    setattr(settings, key, type(default)(conf[key]))
+                except ValueError:
+                    raise ValueError(f"--conf {key} must be a {type(default).__name__}; got {conf[key]!r}") from None
+        settings.model_path = settings.model_path or str(default_model_path)
+        if settings.scheduler not in SAMPLERS:
+            raise ValueError(f"--conf scheduler must be one of {', '.join(SAMPLERS)}; got {settings.scheduler!r}")
+        if not 1 <= settings.num_proposals <= settings.max_proposals:
+            raise ValueError(f"--conf num_proposals must lie in 1..max_proposals ({settings.max_proposals})")
+        return settings
+
+    def torch_device(self) -> torch.device:
+        return default_device() if self.device == "auto" else torch.device(self.device)
+
+
+class ProGiDiff(TaskConfig):
+    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.settings = AppSettings.from_conf(conf, Path(model_dir) / DEFAULT_MODEL_NAME)
+        self.path = self.settings.model_path
+        self.labels = dict(ORGAN_IDS)
+        self.datastore = kwargs.get("datastore")
+        self._ensure_model()
+
+    def _ensure_model(self) -> None:
+        """Serve what is there; with no model yet, create an untrained one so the server still starts (and say so)."""
+        path = Path(self.path)
+        if (path / CONFIG_NAME).is_file():
+            return
+        logger.warning(
+            "No trained model at %s: creating an UNTRAINED %s model there. Its proposals are noise until it is "
+            "trained (python -m progidiff.train, or POST /train).", path, self.settings.base_model,
+        )
+        ProGiDiffModel.from_config(ProGiDiffConfig(base=self.settings.base_model)).save_pretrained(path)
+
+    def infer(self):
+        return {self.name: ProGiDiffInfer(self.path, self.settings, datastore=self.datastore)}
+
+    def trainer(self):
+        return None

@@ -1,0 +1,226 @@
+"""MONAI Label infer task: prompt → N diffusion proposals → consensus label map + proposal statistics.
+
+Flow (MONAI Label's): parse/check the request → pre-transforms (load, RAS, model spacing) →
+`run_inferer` (ProGiDiff sampling, cached per image/prompt/seed/model) → inverse transforms back to
+the input's geometry → post-transforms (consensus or proposal k as the label; every proposal,
+the probability and the uncertainty stored in the datastore) → MONAI Label's writer.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+from lib.infers.params import InferParams, bad_request, parse_params
+from progidiff.labels import ORGAN_IDS
+from progidiff.model import CONFIG_NAME
+from progidiff.pipeline import ProGiDiffPipeline
+from progidiff.volume import VolumeProposals, consensus_label_map, loading_transforms, organ_statistics, segment_volume
+
+logger = logging.getLogger(__name__)
+
+RESULT_CACHE_SIZE = 4
+
+
+class ProGiDiffInfer(BasicInferTask):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        settings: Any,
+        datastore: Callable[[], Datastore] | None = None,
+        description: str = "Text-prompted organ segmentation with several diffusion proposals (ProGiDiff)",
+    ):
+        super().__init__(
+            path=str(model_dir),
+            network=None,
+            type=InferType.SEGMENTATION,
+            labels=dict(ORGAN_IDS),
+            dimension=3,
+            description=description,
+            # Not "image": MONAI's Spacingd updates every "image_*" key, and MONAI Label adds "image_path" (a str).
+            input_key="volume",
+            config={
+                "prompt": "liver",
+                "num_proposals": settings.num_proposals,
+                "steps": settings.steps,
+                "seed": 0,
+                "proposal": -1,
+                "modality": "auto",
+            },
+        )
+        self.model_dir = Path(model_dir)
+        self.settings = settings
+        self.datastore = datastore
+        self._lock = threading.Lock()
+        self._pipeline: tuple[int, ProGiDiffPipeline] | None = None
+        self._results: OrderedDict[tuple, VolumeProposals] = OrderedDict()
+
+    # ---- model ---------------------------------------------------------------------------------
+    def is_valid(self) -> bool:
+        return (self.model_dir / CONFIG_NAME).is_file()
+
+    def _model_version(self) -> int:
+        """Changes whenever a new model folder is published (the folder is replaced, not edited)."""
+        return os.stat(self.model_dir / CONFIG_NAME).st_mtime_ns
+
+    def pipeline(self) -> ProGiDiffPipeline:
+        """The loaded pipeline, reloaded when a newer model has been published (no server restart)."""
+        with self._lock:
+            version = self._model_version()
+            if self._pipeline is None or self._pipeline[0] != version:
+                logger.info("loading ProGiDiff model from %s", self.model_dir)
+                pipeline = ProGiDiffPipeline.from_pretrained(
+                    self.model_dir,
+                    scheduler=self.settings.scheduler,
+                    device=self.settings.torch_device(),
+                    precision=self.settings.precision,
+                    show_progress=False,
+                )
+                self._pipeline = (version, pipeline)
+                self._results.clear()
+            return self._pipeline[1]
+
+    def known_organs(self) -> tuple[str, ...]:
+        organs = self.pipeline().model.config.organs
+        return tuple(organs) if organs else tuple(ORGAN_IDS)
+
+    # ---- MONAI Label flow ----------------------------------------------------------------------
+    def __call__(self, request, callbacks=None):
+        # Check the request before loading anything, and answer 400 with what is accepted.
+        merged = {**copy.deepcopy(self._config), **request}
+        params = parse_params(merged, self._config, self.settings.max_proposals, self.known_organs())
+        label_file, result = super().__call__({**request, "volume": request.get("image"), "progidiff": params}, callbacks)
+        result["label_names"] = result.pop("progidiff_label_names", result.get("label_names"))
+        return label_file, result
+
+    def pre_transforms(self, data=None):
+        spacing = self.pipeline().model.config.spacing_mm
+        return loading_transforms(self.input_key, spacing)
+
+    def inverse_transforms(self, data=None):
+        return []  # undo every invertible pre-transform (spacing, orientation) on the prediction
+
+    def post_transforms(self, data=None):
+        return [self.finish]
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu"):
+        params: InferParams = data["progidiff"]
+        image = data[self.input_key]
+        if image.ndim != 4 or image.shape[0] != 1 or min(image.shape[1:]) < 2:
+            raise bad_request(f"a single-channel 3D image is needed; got array shape {tuple(image.shape)}")
+        pipeline = self.pipeline()
+        proposals = self._proposals(pipeline, data, params)
+        mean = torch.stack([proposals.organ_probabilities(p).mean(0) for p in range(len(params.organs))])
+        std = torch.stack([proposals.organ_probabilities(p).std(0, unbiased=False) for p in range(len(params.organs))])
+        each = proposals.probabilities.float().flatten(0, 1)  # [N·P, X, Y, Z]
+        stacked = torch.cat([mean, std, each])
+        pred = MetaTensor(stacked, affine=image.affine, meta=copy.deepcopy(image.meta))
+        pred.applied_operations = copy.deepcopy(image.applied_operations)
+        data["pred"] = pred
+        voxel_ml = float(torch.as_tensor(image.pixdim[:3]).prod()) / 1000.0
+        data["progidiff_stats"] = organ_statistics(proposals, voxel_ml)
+        data["progidiff_seconds"] = proposals.seconds
+        return data
+
+    def _proposals(self, pipeline: ProGiDiffPipeline, data: dict, params: InferParams) -> VolumeProposals:
+        """Sample, or reuse the proposals of an identical earlier request (e.g. asking for proposal k next)."""
+        path = str(data.get("image_path", ""))
+        stamp = os.stat(path).st_mtime_ns if path and os.path.exists(path) else None
+        key = (path, stamp, params.organs, params.num_proposals, params.steps, params.seed, self._model_version())
+        with self._lock:
+            cached = self._results.get(key) if stamp is not None else None
+        data["progidiff_cached"] = cached is not None
+        if cached is not None:
+            return cached
+        volume = data[self.input_key][0]
+        proposals = segment_volume(
+            pipeline, volume.as_tensor() if hasattr(volume, "as_tensor") else volume, list(params.organs),
+            params.num_proposals, params.steps, params.seed, slice_batch=self.settings.slice_batch,
+        )
+        if stamp is not None:
+            with self._lock:
+                self._results[key] = proposals
+                while len(self._results) > RESULT_CACHE_SIZE:
+                    self._results.popitem(last=False)
+        return proposals
+
+    # ---- outputs -------------------------------------------------------------------------------
+    def finish(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Consensus (or proposal k) as the returned label; proposals and maps into the datastore."""
+        params: InferParams = data["progidiff"]
+        organs, n, p = list(params.organs), params.num_proposals, len(params.organs)
+        stacked = data["pred"]
+        affine = np.asarray(stacked.affine, dtype=np.float64)
+        values = torch.as_tensor(np.asarray(stacked), dtype=torch.float32)
+        mean, std, each = values[:p], values[p : 2 * p], values[2 * p :].reshape(n, p, *values.shape[1:])
+        consensus = consensus_label_map(mean, organs)
+        proposals = [consensus_label_map(each[k], organs) for k in range(n)]
+        chosen = proposals[params.proposal] if params.proposal is not None else consensus
+
+        stored = self._store_outputs(data, proposals, mean, std, affine)
+        data["pred"] = chosen.numpy()
+        data["image_meta_dict"] = {"affine": affine}
+        if not data.get("result_extension"):
+            data["result_extension"] = ".nii.gz"
+        data["result"] = {
+            "prompt": params.prompt,
+            "organs": organs,
+            "returned": "consensus" if params.proposal is None else f"proposal_{params.proposal}",
+            "num_proposals": n,
+            "steps": params.steps,
+            "seed": params.seed,
+            "modality": params.modality,
+            "cached": data.get("progidiff_cached", False),
+            "sampling_seconds": round(float(data.get("progidiff_seconds", 0.0)), 3),
+            "organ_stats": data.get("progidiff_stats", {}),
+            "stored_tags": stored,
+            "progidiff_label_names": {o: ORGAN_IDS[o] for o in organs},
+        }
+        return data
+
+    def _image_id(self, data: dict[str, Any]) -> str | None:
+        """The datastore id of the request's image (None for uploads and paths outside the datastore)."""
+        if self.datastore is None:
+            return None
+        path = os.path.realpath(str(data.get("image_path", "")))
+        datastore = self.datastore()
+        for image_id in datastore.list_images():
+            if os.path.realpath(datastore.get_image_uri(image_id)) == path:
+                return image_id
+        return None
+
+    def _store_outputs(self, data, proposals, mean, std, affine) -> list[str]:
+        image_id = self._image_id(data)
+        if image_id is None:
+            return []
+        params: InferParams = data["progidiff"]
+        best = mean.max(dim=0).values
+        uncertainty = std.max(dim=0).values
+        outputs = {f"proposal_{k}": (m.numpy(), np.uint8) for k, m in enumerate(proposals)}
+        outputs["probability"] = (best.numpy(), np.float32)
+        outputs["uncertainty"] = (uncertainty.numpy(), np.float32)
+        info = {"prompt": params.prompt, "organs": list(params.organs), "seed": params.seed, "steps": params.steps,
+                "label_names": {o: ORGAN_IDS[o] for o in params.organs}}
+        datastore = self.datastore()
+        with tempfile.TemporaryDirectory() as tmp:
+            for tag, (array, dtype) in outputs.items():
+                path = os.path.join(tmp, f"{image_id}.nii.gz")
+                nib.save(nib.Nifti1Image(array.astype(dtype), affine), path)
+                datastore.save_label(image_id, path, tag, {**info, "tag": tag})
+        return list(outputs)
+

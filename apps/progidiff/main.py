@@ -1,0 +1,59 @@
+"""ProGiDiff-Label: a MONAI Label app that segments organs by text prompt with several diffusion proposals.
+
+    monailabel start_server --app apps/progidiff --studies sample-datasets/ct [--conf KEY VALUE ...]
+
+The conf keys are listed in the README; the model folder defaults to <repo>/model/progidiff_ct.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+import progidiff
+from lib.configs.progidiff import ProGiDiff
+from progidiff.labels import ORGAN_IDS
+
+logger = logging.getLogger(__name__)
+
+
+class ProGiDiffApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, Any]):
+        self.model_dir = os.path.normpath(os.path.join(app_dir, "..", "..", "model"))
+        self.models = {"progidiff": ProGiDiff()}
+        for name, config in self.models.items():
+            config.init(name, self.model_dir, conf, None, datastore=self.datastore)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="ProGiDiff-Label",
+            description="Text-prompted organ segmentation with several diffusion mask proposals per prompt",
+            version=progidiff.__version__,
+            labels=dict(ORGAN_IDS),
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        infers: dict[str, InferTask] = {}
+        for config in self.models.values():
+            infers.update(config.infer())
+        return infers
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        trainers: dict[str, TrainTask] = {}
+        for name, config in self.models.items():
+            trainer = config.trainer()
+            if trainer is not None:
+                trainers[name] = trainer
+        return trainers
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {"random": Random(), "first": First()}

@@ -1,0 +1,158 @@
+"""Training data: 3D volumes → augmented 2D axial slices, each with one organ prompt and its mask.
+
+Volumes are read with MONAI (LoadImage → channel first → RAS orientation → in-plane spacing), their
+labels mapped into the schema by organ name, and kept in memory (they are small at 3 mm).  A
+sample is a random slice, a random organ phrase (a synonym half of the time, an organ *absent*
+from the slice a quarter of the time, whose target is an empty mask) and MONAI 2D augmentation.
+No left-right flips: they would swap "left kidney" and "right kidney".
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai import transforms as mt
+
+from .geometry import to_square
+from .labels import ORGAN_IDS, load_class_map, organs_present, to_schema
+from .phantoms import make_phantom
+from .prompts import ORGAN_SYNONYMS, organ_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Volume:
+    """An image [X, Y, Z] (RAS, float32) and its schema label map, with where it came from."""
+
+    image: np.ndarray
+    label: np.ndarray
+    name: str
+    spacing: tuple[float, float, float]
+
+    def slice_organs(self, z: int) -> list[str]:
+        return organs_present(self.label[:, :, z], min_voxels=4)
+
+
+def load_volume_pair(
+    image_path: str | Path, label_path: str | Path, label_map: str = "schema", spacing: float | None = None
+) -> Volume:
+    """Read image + label through MONAI (RAS, optional in-plane resampling) and map the label by name."""
+    keys = ["image", "label"]
+    steps: list = [mt.LoadImaged(keys), mt.EnsureChannelFirstd(keys), mt.Orientationd(keys, axcodes="RAS")]
+    if spacing:
+        steps.append(mt.Spacingd(keys, pixdim=(spacing, spacing, -1), mode=("bilinear", "nearest")))
+    data = mt.Compose(steps)({"image": str(image_path), "label": str(label_path)})
+    image = np.asarray(data["image"][0], dtype=np.float32)
+    label = np.asarray(data["label"][0]).astype(np.int64)
+    if label_map != "schema":
+        label = to_schema(label, load_class_map(label_map, Path(label_path)))
+    pixdim = tuple(float(v) for v in data["image"].pixdim[:3])
+    return Volume(image=image, label=label.astype(np.uint8), name=Path(image_path).name, spacing=pixdim)
+
+
+def phantom_volumes(count: int, seed: int, modality: str = "ct") -> list[Volume]:
+    volumes = []
+    for i in range(count):
+        p = make_phantom(seed + i)
+        image = (p.ct if modality == "ct" else p.mr).astype(np.float32)
+        volumes.append(Volume(image, p.label, f"phantom_{seed + i}", tuple(np.diag(p.affine)[:3])))
+    return volumes
+
+
+def split_slices(volume: Volume, held_out: range) -> tuple[Volume, Volume]:
+    """(training part, held-out z-block) of one volume: a block, so neighbours of a test slice never train."""
+    keep = [z for z in range(volume.image.shape[2]) if z not in held_out]
+    out = [z for z in range(volume.image.shape[2]) if z in held_out]
+    part = lambda zs, tag: Volume(volume.image[:, :, zs], volume.label[:, :, zs], f"{volume.name}[{tag}]", volume.spacing)  # noqa: E731
+    return part(keep, "train"), part(out, "held-out")
+
+
+def augmentation(image_size: int) -> mt.Compose:
+    """Mild geometry and wide intensity changes (contrast phases, scanners), applied to [1, S, S] slices."""
+    keys = ["image", "label"]
+    return mt.Compose(
+        [
+            mt.RandAffined(
+                keys,
+                prob=0.8,
+                rotate_range=0.2,
+                scale_range=0.15,
+                translate_range=(image_size * 0.08, image_size * 0.08),
+                mode=("bilinear", "nearest"),
+                padding_mode="border",
+            ),
+            mt.RandShiftIntensityd("image", offsets=40.0, prob=0.5),
+            mt.RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            mt.RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.3, 1.0), sigma_y=(0.3, 1.0)),
+            mt.RandGaussianNoised("image", prob=0.5, std=12.0),
+        ]
+    )
+
+
+def prompt_phrase(organ: str, rng: random.Random) -> str:
+    """The organ's natural text, or half of the time one of its synonyms (multi-word ones included)."""
+    if rng.random() < 0.5:
+        return organ_text(organ)
+    return rng.choice((organ.replace("_", " "), *ORGAN_SYNONYMS[organ]))
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """Endless random (slice, prompt, mask) samples from weighted groups of volumes."""
+
+    def __init__(
+        self,
+        groups: list[tuple[list[Volume], float]],
+        image_size: int,
+        organs: list[str],
+        negative_rate: float = 0.25,
+        augment: bool = True,
+        length: int = 10**9,
+        seed: int = 0,
+    ):
+        self.groups = [(volumes, weight) for volumes, weight in groups if volumes]
+        self.image_size = image_size
+        self.organs = organs
+        self.negative_rate = negative_rate
+        self.transform = augmentation(image_size) if augment else None
+        self.length = length
+        self.rng = random.Random(seed)
+        if self.transform is not None:
+            self.transform.set_random_state(seed)
+        # Slices that hold at least one organ of interest, per group.
+        self.slices = [
+            [(v, z) for v in volumes for z in range(v.image.shape[2]) if set(v.slice_organs(z)) & set(organs)]
+            for volumes, _ in self.groups
+        ]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        group = self.rng.choices(range(len(self.groups)), weights=[w for _, w in self.groups])[0]
+        volume, z = self.rng.choice(self.slices[group])
+        present = [o for o in volume.slice_organs(z) if o in self.organs]
+        in_slice = set(np.unique(volume.label[:, :, z]).tolist())
+        absent = [o for o in self.organs if ORGAN_IDS[o] not in in_slice]
+        negative = bool(absent) and self.rng.random() < self.negative_rate
+        organ = self.rng.choice(absent if negative else present)
+        image = torch.from_numpy(volume.image[None, None, :, :, z].copy())
+        label = torch.from_numpy(volume.label[None, None, :, :, z].astype(np.float32))
+        image = to_square(image, self.image_size)[0]
+        label = to_square(label, self.image_size, mode="nearest")[0]
+        if self.transform is not None:
+            out = self.transform({"image": image, "label": label})
+            image, label = torch.as_tensor(out["image"]), torch.as_tensor(out["label"])
+        label = label.round().long()
+        return {
+            "image": image.float(),
+            "mask": (label == ORGAN_IDS[organ]).float(),
+            "label": label,
+            "text": prompt_phrase(organ, self.rng),
+            "organ": organ,
+        }

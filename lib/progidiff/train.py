@@ -1,0 +1,125 @@
+"""`python -m progidiff.train`: train a ProGiDiff model on phantoms and/or labelled volumes.
+
+Example (the default model's recipe is in model/README.md):
+    python -m progidiff.train --out runs/default --phantoms 120 \\
+        --volume ../shared/data/ct_a/image.nii.gz ../shared/data/ct_a/label.nii.gz total --hold-out 10:18 \\
+        --max-minutes 55
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .data import SliceDataset, Volume, load_volume_pair, phantom_volumes, split_slices
+from .labels import ORGAN_IDS
+from .model import ProGiDiffConfig, ProGiDiffModel
+from .pipeline import prompt_encoder_for
+from .training import TrainConfig, Trainer
+
+logger = logging.getLogger("progidiff.train")
+
+
+def parse_range(text: str) -> range:
+    start, stop = (int(v) for v in text.split(":"))
+    return range(start, stop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, tensorboard, model/")
+    p.add_argument("--phantoms", type=int, default=0, help="number of synthetic CT phantoms to train on")
+    p.add_argument("--phantom-seed", type=int, default=1000, help="first phantom seed (sample-datasets use 0..)")
+    p.add_argument("--val-phantoms", type=int, default=1, help="fresh phantoms kept for validation")
+    p.add_argument("--modality", choices=["ct", "mr"], default="ct", help="which phantom contrast to use")
+    p.add_argument("--volume", nargs=3, action="append", default=[], metavar=("IMAGE", "LABEL", "LABEL_MAP"),
+                   help="a labelled volume; LABEL_MAP is schema, total, total_mr or a JSON file")
+    p.add_argument("--hold-out", type=parse_range, default=None, metavar="Z0:Z1",
+                   help="z-slices of each --volume kept for validation (e.g. 10:18)")
+    p.add_argument("--real-weight", type=float, default=0.35, help="share of samples drawn from --volume data")
+    p.add_argument("--organs", default="", help="comma list of schema organs (default: all)")
+    p.add_argument("--init-from", type=Path, default=None, help="start from this model folder")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--mask-size", type=int, default=64)
+    p.add_argument("--channels", default="16,32,64,64", help="compact UNet block widths")
+    p.add_argument("--encoder-channels", default="16,32", help="scan encoder stage widths")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    for field, value in asdict(TrainConfig()).items():
+        p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    return p
+
+
+def build_model(args: argparse.Namespace, organs: list[str]) -> ProGiDiffModel:
+    if args.init_from:
+        model = ProGiDiffModel.from_pretrained(args.init_from)
+    else:
+        torch.manual_seed(args.seed)
+        config = ProGiDiffConfig(
+            image_size=args.image_size,
+            mask_size=args.mask_size,
+            compact_channels=tuple(int(c) for c in args.channels.split(",")),
+            encoder_channels=tuple(int(c) for c in args.encoder_channels.split(",")),
+        )
+        model = ProGiDiffModel.from_config(config)
+    model.config.organs = organs
+    return model
+
+
+def load_data(args: argparse.Namespace) -> tuple[list[Volume], list[Volume], list[Volume]]:
+    """(phantom training volumes, real training volumes, validation volumes)."""
+    phantoms = phantom_volumes(args.phantoms, args.phantom_seed, args.modality) if args.phantoms else []
+    val = phantom_volumes(args.val_phantoms, args.phantom_seed + 100000, args.modality) if args.val_phantoms else []
+    real = []
+    for image, label, label_map in args.volume:
+        volume = load_volume_pair(image, label, label_map)
+        if args.hold_out is not None:
+            volume, held_out = split_slices(volume, args.hold_out)
+            val.append(held_out)
+        real.append(volume)
+    return phantoms, real, val
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    organs = [o.strip() for o in args.organs.split(",") if o.strip()] or list(ORGAN_IDS)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    phantoms, real, val = load_data(args)
+    if not phantoms and not real:
+        raise SystemExit("nothing to train on: give --phantoms N and/or --volume IMAGE LABEL MAP")
+    logger.info("data: %d phantoms, %d real volumes, %d validation volumes (%.0f s)",
+                len(phantoms), len(real), len(val), time.time() - start)
+
+    model = build_model(args, organs)
+    config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
+    groups = [(phantoms, 1.0 - args.real_weight if real else 1.0), (real, args.real_weight if phantoms else 1.0)]
+    train_set = SliceDataset(groups, model.config.image_size, organs, seed=config.seed)
+    trainer = Trainer(model, prompt_encoder_for(model, args.init_from), train_set, val, config, args.out)
+    trainer.resume()
+    final = trainer.fit()
+    trainer.save_model(args.out / "model")
+    record = {
+        "command": "python -m progidiff.train " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "steps": trainer.step,
+        "wall_minutes": round((time.time() - start) / 60, 2),
+        "torch_threads": torch.get_num_threads(),
+        "final_validation": final,
+        "history": trainer.history,
+        "config": asdict(config),
+    }
+    (args.out / "train_record.json").write_text(json.dumps(record, indent=2))
+    logger.info("model saved to %s (%.1f min)", args.out / "model", record["wall_minutes"])
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""The training loop shared by `python -m progidiff.train` and the MONAI Label trainer.
+
+One step: a batch of (slice, organ phrase, mask) → mask to the denoised space → DDPM noise at a
+random timestep → the model's prediction (x0 for the compact model) → MSE to the target.
+
+Diffusion from scratch learns anatomy slowly on a CPU budget, so the scan encoder also carries a
+1×1 "anatomy head" trained with Dice + BCE on every organ of the slice (deep supervision).  It
+gives the control branch strong, prompt-independent anatomy features early; the head is used only
+in training and is not part of the published model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from .data import SliceDataset, Volume
+from .io_utils import atomic_file
+from .labels import ORGAN_IDS
+from .metrics import dice
+from .model import ProGiDiffModel
+from .pipeline import ProGiDiffPipeline
+from .proposals import summarise
+from .text import PromptEncoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    max_minutes: float = 0.0  # 0: no time limit
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    weight_decay: float = 1e-4
+    ema_decay: float = 0.995
+    anatomy_weight: float = 1.0  # weight of the scan encoder's deterministic anatomy loss
+    low_noise_bias: float = 0.0  # >0 samples timesteps more often near t=0 (sharper final steps)
+    val_every: int = 500
+    checkpoint_every: int = 200
+    val_proposals: int = 2
+    val_steps: int = 5
+    val_organs: str = "liver,spleen,kidney_left,kidney_right"
+    seed: int = 0
+
+
+class AnatomyHead(nn.Module):
+    """1×1 conv from the scan encoder's features to one logit per schema organ."""
+
+    def __init__(self, model: ProGiDiffModel):
+        super().__init__()
+        encoder = model.controlnet.controlnet_cond_embedding
+        self.conv = nn.Conv2d(encoder.conv_out.in_channels, len(ORGAN_IDS), 1)
+
+    def forward(self, model: ProGiDiffModel, image: torch.Tensor) -> torch.Tensor:
+        return self.conv(model.controlnet.controlnet_cond_embedding.features(image))
+
+
+def anatomy_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Soft Dice + BCE of per-organ logits [B,K,h,w] against a schema label map [B,1,H,W]."""
+    one_hot = torch.stack([(label[:, 0] == v).float() for v in ORGAN_IDS.values()], dim=1)
+    target = F.interpolate(one_hot, size=logits.shape[-2:], mode="area")
+    prob = logits.sigmoid()
+    inter = (prob * target).sum(dim=(2, 3))
+    denom = prob.sum(dim=(2, 3)) + target.sum(dim=(2, 3))
+    present = target.sum(dim=(2, 3)) > 0
+    soft_dice = 1 - (2 * inter + 1) / (denom + 1)
+    dice_term = soft_dice[present].mean() if present.any() else logits.sum() * 0
+    return F.binary_cross_entropy_with_logits(logits, target) + dice_term
+
+
+def sample_timesteps(batch: int, num_train: int, low_noise_bias: float, generator: torch.Generator) -> torch.Tensor:
+    u = torch.rand(batch, generator=generator)
+    if low_noise_bias > 0:
+        u = u ** (1.0 + low_noise_bias)
+    return (u * num_train).long().clamp(max=num_train - 1)
+
+
+def diffusion_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    kind = scheduler.config.prediction_type
+    if kind == "sample":
+        return x0
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    raise ValueError(f"Unsupported prediction_type {kind!r}")
+
+
+class Trainer:
+    """Trains the trainable parts of a ProGiDiffModel; EMA weights are what gets validated and saved."""
+
+    def __init__(
+        self,
+        model: ProGiDiffModel,
+        prompt_encoder: PromptEncoder,
+        train_set: SliceDataset,
+        val_volumes: list[Volume],
+        config: TrainConfig,
+        out_dir: str | Path,
+        device: torch.device | str = "cpu",
+        on_validation: Callable[[int, dict], None] | None = None,
+    ):
+        self.model = model.to(device)
+        self.prompt_encoder = prompt_encoder
+        self.train_set = train_set
+        self.val_volumes = val_volumes
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.device = torch.device(device)
+        self.on_validation = on_validation
+        self.head = AnatomyHead(model).to(device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params + list(self.head.parameters()), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.ema = EMAModel(self.params, decay=config.ema_decay)
+        self.scheduler = DDPMScheduler.from_config(model.scheduler_config)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.history: list[dict] = []
+        self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "step": self.step,
+            "model": {k: v for k, v in self.model.state_dict().items()},
+            "head": self.head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict(),
+            "generator": self.generator.get_state(),
+            "history": self.history,
+        }
+        with atomic_file(self.checkpoint_path, suffix=".pt") as tmp:
+            torch.save(state, tmp)
+
+    def resume(self) -> bool:
+        """Continue from `checkpoint.pt` in the output folder, if one is there."""
+        if not self.checkpoint_path.is_file():
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
+        self.generator.set_state(state["generator"])
+        self.step, self.history = state["step"], state["history"]
+        logger.info("resumed from %s at step %d", self.checkpoint_path, self.step)
+        return True
+
+    # ---- one step ------------------------------------------------------------------------------
+    def training_step(self, batch: dict) -> dict[str, float]:
+        self.model.train()
+        image = batch["image"].to(self.device)
+        x0 = self.model.encode_mask(batch["mask"].to(self.device))
+        text = self.prompt_encoder.encode(list(batch["text"])).to(self.device)
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        t = sample_timesteps(x0.shape[0], self.scheduler.config.num_train_timesteps, self.config.low_noise_bias, self.generator)
+        t = t.to(self.device)
+        noisy = self.scheduler.add_noise(x0, noise, t)
+        prediction = self.model(noisy, t, text, image)
+        diffusion = F.mse_loss(prediction.float(), diffusion_target(self.scheduler, x0, noise, t).float())
+        anatomy = anatomy_loss(self.head(self.model, image), batch["label"].to(self.device))
+        loss = diffusion + self.config.anatomy_weight * anatomy
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.ema.step(self.params)
+        return {"loss": loss.item(), "diffusion": diffusion.item(), "anatomy": anatomy.item()}
+
+    # ---- validation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Consensus and best-proposal Dice per organ on held-out slices, sampled with the EMA weights."""
+        if not self.val_volumes:
+            return {}
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            pipeline = ProGiDiffPipeline(self.model, self.prompt_encoder, device=self.device, show_progress=False)
+            scores: dict[str, list[float]] = {}
+            best: dict[str, list[float]] = {}
+            for volume in self.val_volumes:
+                organs = [o for o in self.config.val_organs.split(",") if o in self.train_set.organs]
+                wanted = [o for o in organs if (volume.label == ORGAN_IDS[o]).any()]
+                if not wanted:
+                    continue
+                label = volume.label[:, :, ::2]  # every other slice: half the cost, same picture
+                images = torch.from_numpy(volume.image[:, :, ::2]).permute(2, 0, 1)[:, None]
+                out = pipeline(images, wanted, self.config.val_proposals, self.config.val_steps, seed=self.config.seed)
+                for p, organ in enumerate(wanted):
+                    reference = torch.from_numpy(label == ORGAN_IDS[organ]).permute(2, 0, 1)
+                    summary = summarise(out.probabilities[:, :, p])
+                    scores.setdefault(organ, []).append(dice(summary.consensus, reference))
+                    best.setdefault(organ, []).append(
+                        max(dice(out.probabilities[k, :, p] >= 0.5, reference) for k in range(out.probabilities.shape[0]))
+                    )
+            result = {
+                "dice": {o: sum(v) / len(v) for o, v in scores.items()},
+                "dice_best": {o: sum(v) / len(v) for o, v in best.items()},
+            }
+            result["mean_dice"] = sum(result["dice"].values()) / max(len(result["dice"]), 1)
+            return result
+        finally:
+            self.ema.restore(self.params)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg = self.config
+        loader = torch.utils.data.DataLoader(self.train_set, batch_size=cfg.batch_size, num_workers=0)
+        start = time.time()
+        running: dict[str, float] = {}
+        logger.info(
+            "training %d trainable parameters for up to %d steps%s",
+            sum(p.numel() for p in self.params),
+            cfg.max_steps,
+            f" / {cfg.max_minutes:g} min" if cfg.max_minutes else "",
+        )
+        for batch in loader:
+            if self.step >= cfg.max_steps or (cfg.max_minutes and time.time() - start > cfg.max_minutes * 60):
+                break
+            losses = self.training_step(batch)
+            self.step += 1
+            for k, v in losses.items():
+                running[k] = 0.98 * running.get(k, v) + 0.02 * v
+                self.writer.add_scalar(f"train/{k}", v, self.step)
+            if self.step % 25 == 0 or self.step == 1:
+                elapsed = time.time() - start
+                logger.info(
+                    "step %d/%d  loss %.4f (diffusion %.4f, anatomy %.4f)  %.2f s/step",
+                    self.step, cfg.max_steps, running["loss"], running["diffusion"], running["anatomy"],
+                    elapsed / max(self.step, 1),
+                )
+            if cfg.val_every and self.step % cfg.val_every == 0:
+                self._record_validation(time.time() - start)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        validated_now = bool(self.history) and self.history[-1]["step"] == self.step
+        final = self.history[-1] if validated_now else self._record_validation(time.time() - start)
+        self.save_checkpoint()
+        self.writer.close()
+        return final
+
+    def _record_validation(self, elapsed: float) -> dict:
+        result = self.validate()
+        if not result:
+            return {}
+        entry = {"step": self.step, "minutes": round(elapsed / 60, 2), **result}
+        self.history.append(entry)
+        self.writer.add_scalar("val/mean_dice", result["mean_dice"], self.step)
+        for organ, value in result["dice"].items():
+            self.writer.add_scalar(f"val/dice_{organ}", value, self.step)
+        logger.info("validation at step %d: mean Dice %.3f %s", self.step, result["mean_dice"],
+                    json.dumps({k: round(v, 3) for k, v in result["dice"].items()}))
+        if self.on_validation is not None:
+            self.on_validation(self.step, entry)
+        return entry
+
+    def save_model(self, directory: str | Path) -> None:
+        """Publish the EMA weights as a model folder (atomically)."""
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            self.model.save_pretrained(directory)
+        finally:
+            self.ema.restore(self.params)
+
