@@ -36,7 +36,12 @@ def small_model(small_config: ProGiDiffConfig) -> ProGiDiffModel:
     return ProGiDiffModel.from_config(small_config)
 
 
-ZERO_CONVOLUTIONS = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+ZERO_CONVOLUTIONS = (
+    "controlnet_down_blocks",
+    "controlnet_mid_block",
+    "controlnet_cond_embedding.conv_out",
+    "controlnet_cond_embedding.organ_head",
+)
 
 
 def wake_control_branch(model: ProGiDiffModel, scale: float = 0.05) -> None:

@@ -13,37 +13,47 @@ def _inputs(model: ProGiDiffModel, batch: int = 2):
     image = torch.randn(batch, 1, model.config.image_size, model.config.image_size, generator=generator) * 400
     timesteps = torch.tensor([10, 900])[:batch]
     text = torch.randn(batch, 16, model.unet.config.cross_attention_dim, generator=generator)
-    return noisy, timesteps, text, image
+    organ_index = torch.tensor([0, 3])[:batch]
+    return noisy, timesteps, text, image, organ_index
 
 
 @pytest.mark.parametrize("image_size, mask_size", [(32, 16), (64, 64)])
 def test_forward_shapes(image_size, mask_size):
     config = ProGiDiffConfig(image_size=image_size, mask_size=mask_size, compact_channels=(8, 16), encoder_channels=(8,))
     model = ProGiDiffModel.from_config(config)
-    noisy, timesteps, text, image = _inputs(model)
+    noisy, timesteps, text, image, organ = _inputs(model)
     with torch.no_grad():
-        out = model(noisy, timesteps, text, image)
+        out = model(noisy, timesteps, text, image, organ)
     assert model.working_size == mask_size
     assert out.shape == (2, 1, mask_size, mask_size)
 
 
 def test_untrained_branch_leaves_base_output_unchanged(small_model):
-    noisy, timesteps, text, image = _inputs(small_model)
+    noisy, timesteps, text, image, organ = _inputs(small_model)
+    assert small_model.uses_organ_prior
     with torch.no_grad():
         base = small_model.unet(noisy, timesteps, encoder_hidden_states=text).sample
-        steered = small_model(noisy, timesteps, text, image)
+        steered = small_model(noisy, timesteps, text, image, organ)
         assert torch.equal(base, steered)
         wake_control_branch(small_model)
-        assert not torch.allclose(base, small_model(noisy, timesteps, text, image))
+        assert not torch.allclose(base, small_model(noisy, timesteps, text, image, organ))
 
 
 def test_branch_output_depends_on_the_scan(small_model):
     wake_control_branch(small_model)
-    noisy, timesteps, text, image = _inputs(small_model)
+    noisy, timesteps, text, image, organ = _inputs(small_model)
     with torch.no_grad():
-        a = small_model(noisy, timesteps, text, image)
-        b = small_model(noisy, timesteps, text, image + 300)
+        a = small_model(noisy, timesteps, text, image, organ)
+        b = small_model(noisy, timesteps, text, image + 300, organ)
+        c = small_model(noisy, timesteps, text, image, organ.flip(0))
     assert not torch.allclose(a, b)
+    assert not torch.allclose(a, c)  # the organ prior follows the prompted organ
+
+
+def test_organ_prior_needs_the_organ(small_model):
+    noisy, timesteps, text, image, _ = _inputs(small_model)
+    with pytest.raises(ValueError, match="organ_index"):
+        small_model(noisy, timesteps, text, image)
 
 
 def test_compact_base_trains_with_branch_by_default(small_model):

@@ -22,6 +22,7 @@ from .geometry import to_square
 from .labels import ORGAN_IDS, load_class_map, organs_present, to_schema
 from .phantoms import make_phantom
 from .prompts import ORGAN_SYNONYMS, organ_text
+from .volume import loading_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +44,7 @@ def load_volume_pair(
     image_path: str | Path, label_path: str | Path, label_map: str = "schema", spacing: float | None = None
 ) -> Volume:
     """Read image + label through MONAI (RAS, optional in-plane resampling) and map the label by name."""
-    keys = ["image", "label"]
-    steps: list = [mt.LoadImaged(keys), mt.EnsureChannelFirstd(keys), mt.Orientationd(keys, axcodes="RAS")]
-    if spacing:
-        steps.append(mt.Spacingd(keys, pixdim=(spacing, spacing, -1), mode=("bilinear", "nearest")))
+    steps = loading_transforms(["image", "label"], spacing, label_keys=("label",))
     data = mt.Compose(steps)({"image": str(image_path), "label": str(label_path)})
     image = np.asarray(data["image"][0], dtype=np.float32)
     label = np.asarray(data["label"][0]).astype(np.int64)

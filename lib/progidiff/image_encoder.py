@@ -71,6 +71,7 @@ class ScanEncoder(nn.Module):
         channels: tuple[int, ...] = (32, 64),
         blocks_per_stage: int = 1,
         windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS,
+        num_organs: int = 0,
     ):
         super().__init__()
         self.config = {
@@ -79,6 +80,7 @@ class ScanEncoder(nn.Module):
             "channels": list(channels),
             "blocks_per_stage": blocks_per_stage,
             "windows": [list(w) for w in windows],
+            "num_organs": num_organs,
         }
         self.windows = IntensityWindows(windows)
         # One stage per entry of `channels`; the first `downsample` stages after the first halve the size.
@@ -94,12 +96,23 @@ class ScanEncoder(nn.Module):
         layers.append(nn.SiLU())
         self.body = nn.Sequential(*layers)
         self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        # One logit per organ: a deterministic "anatomy" read-out of the same features, trained with
+        # Dice + BCE on every organ of the slice. Zero-initialised too, so an untrained branch stays silent.
+        self.organ_head = nn.Conv2d(width, num_organs, 1) if num_organs else None
+        for layer in (self.conv_out, self.organ_head):
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
-        """Anatomy features before the zero convolution (a deterministic head can be trained on them)."""
+        """Anatomy features before the zero convolutions."""
         return self.body(self.windows(image).to(self.conv_out.weight.dtype))
+
+    def organ_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Per-organ logits [B, num_organs, h, w] at the working size."""
+        if self.organ_head is None:
+            raise ValueError("this scan encoder has no organ head (num_organs=0)")
+        return self.organ_head(self.features(image))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.conv_out(self.features(image))

@@ -29,6 +29,7 @@ from torch import nn
 
 from .image_encoder import DEFAULT_WINDOWS, ScanEncoder
 from .io_utils import atomic_directory
+from .labels import ORGAN_IDS
 from .schedulers import compact_training_scheduler
 
 CONFIG_NAME = "progidiff_config.json"
@@ -51,6 +52,7 @@ class ProGiDiffConfig:
     encoder_channels: tuple[int, ...] = (16, 32)
     windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS
     organs: list[str] = field(default_factory=list)  # organs the model was trained on (empty: untrained)
+    organ_prior: bool = True  # compact x0 model: add the scan encoder's organ read-out to the predicted mask
 
     @property
     def is_latent(self) -> bool:
@@ -78,7 +80,9 @@ class ProGiDiffConfig:
 def compact_unet(config: ProGiDiffConfig) -> UNet2DConditionModel:
     """A small pixel-space UNet: cross-attention only at the lowest resolution (and the mid block).
 
-    Self-attention over a 32×32 map alone costs more than all convolutions on 2 CPU cores.
+    Self-attention over a 32×32 map alone costs more than all convolutions on 2 CPU cores.  So that the
+    prompt still reaches every resolution, an attention-pooled text embedding joins the timestep
+    embedding (`addition_embed_type="text"`) and modulates every ResNet block by scale and shift.
     """
     channels = tuple(config.compact_channels)
     levels = len(channels)
@@ -95,6 +99,9 @@ def compact_unet(config: ProGiDiffConfig) -> UNet2DConditionModel:
         cross_attention_dim=config.cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=8,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=8,
+        resnet_time_scale_shift="scale_shift",
     )
 
 
@@ -155,9 +162,19 @@ class ProGiDiffModel(nn.Module):
             downsample=int(math.log2(factor)),
             channels=config.encoder_channels,
             windows=config.windows,
+            num_organs=len(ORGAN_IDS),
         )
 
     # ---- the network ---------------------------------------------------------------------------
+    @property
+    def scan_encoder(self) -> ScanEncoder:
+        return self.controlnet.controlnet_cond_embedding
+
+    @property
+    def uses_organ_prior(self) -> bool:
+        """Only where the UNet predicts the mask itself (compact base, x0) can the read-out be added to it."""
+        return self.config.organ_prior and self.vae is None and self.scheduler_config["prediction_type"] == "sample"
+
     @property
     def mask_channels(self) -> int:
         return self.unet.config.in_channels
@@ -175,9 +192,15 @@ class ProGiDiffModel(nn.Module):
         timesteps: torch.Tensor,
         text_embeddings: torch.Tensor,
         image: torch.Tensor,
+        organ_index: torch.Tensor | None = None,
         conditioning_scale: float = 1.0,
     ) -> torch.Tensor:
-        """The base's prediction for `noisy`, steered by the branch's residuals from `image`."""
+        """The base's prediction for `noisy`, steered by the branch's residuals from `image`.
+
+        With the organ prior, the scan encoder's read-out for the prompted organ (`organ_index`, schema
+        value − 1, one per batch item) is added to the predicted mask: the diffusion model then learns
+        the proposals' variation around an anatomy estimate instead of the anatomy from scratch.
+        """
         down, mid = self.controlnet(
             noisy,
             timesteps,
@@ -186,13 +209,20 @@ class ProGiDiffModel(nn.Module):
             conditioning_scale=conditioning_scale,
             return_dict=False,
         )
-        return self.unet(
+        prediction = self.unet(
             noisy,
             timesteps,
             encoder_hidden_states=text_embeddings,
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
         ).sample
+        if not self.uses_organ_prior:
+            return prediction
+        if organ_index is None:
+            raise ValueError("this model adds an organ prior: pass organ_index (schema value - 1) per batch item")
+        logits = self.scan_encoder.organ_logits(image)
+        index = organ_index.to(logits.device).view(-1, 1, 1, 1).expand(-1, 1, *logits.shape[-2:])
+        return prediction + torch.tanh(logits.gather(1, index) / 2).to(prediction.dtype)  # = 2·sigmoid − 1
 
     # ---- masks <-> the denoised space ----------------------------------------------------------
     def encode_mask(self, mask: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .geometry import from_square, to_square
+from .labels import ORGAN_IDS
 from .model import ProGiDiffModel, resolve_base
 from .prompts import organ_text
 from .schedulers import make_sampler
@@ -136,7 +137,13 @@ class ProGiDiffPipeline:
         return torch.stack(noise).to(self.device)
 
     def denoise(
-        self, latents: torch.Tensor, text: torch.Tensor, condition: torch.Tensor, steps: int, seed: int
+        self,
+        latents: torch.Tensor,
+        text: torch.Tensor,
+        condition: torch.Tensor,
+        organ_index: torch.Tensor,
+        steps: int,
+        seed: int,
     ) -> torch.Tensor:
         scheduler = make_sampler(self.scheduler_name, self.model.scheduler_config)
         scheduler.set_timesteps(steps, device=self.device)
@@ -146,7 +153,7 @@ class ProGiDiffPipeline:
             model_input = scheduler.scale_model_input(latents, t)
             timesteps = t.expand(latents.shape[0]).to(self.device)
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                prediction = self.model(model_input, timesteps, text, condition)
+                prediction = self.model(model_input, timesteps, text, condition, organ_index)
             latents = scheduler.step(prediction.float(), t, latents, generator=generator).prev_sample
         return latents
 
@@ -177,7 +184,8 @@ class ProGiDiffPipeline:
         # Batch order is (proposal, slice, organ): repeat text over N·B, condition over organs and N.
         text = text.repeat(n * b, 1, 1)
         condition = condition.repeat_interleave(p, dim=0).repeat(n, 1, 1, 1)
-        latents = self.denoise(latents, text, condition, steps, seed)
+        organ_index = torch.tensor([ORGAN_IDS[o] - 1 for o in organs], device=self.device).repeat(n * b)
+        latents = self.denoise(latents, text, condition, organ_index, steps, seed)
 
         probabilities = self.decode(latents)  # [N·B·P, 1, S, S]
         probabilities = from_square(probabilities, images.shape[2], images.shape[3])

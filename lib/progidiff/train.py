@@ -11,17 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from .baseline import BaselineConfig, BaselineSegmenter
 from .data import SliceDataset, Volume, load_volume_pair, phantom_volumes, split_slices
 from .labels import ORGAN_IDS
 from .model import ProGiDiffConfig, ProGiDiffModel
 from .pipeline import prompt_encoder_for
-from .training import TrainConfig, Trainer
+from .training import BaselineTrainer, DiffusionTrainer, TrainConfig, Trainer
 
 logger = logging.getLogger("progidiff.train")
 
@@ -50,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", default="16,32,64,64", help="compact UNet block widths")
     p.add_argument("--encoder-channels", default="16,32", help="scan encoder stage widths")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--baseline", action="store_true",
+                   help="train the deterministic MONAI UNet baseline instead, on the same data and budget")
     for field, value in asdict(TrainConfig()).items():
         p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     return p
@@ -69,6 +73,15 @@ def build_model(args: argparse.Namespace, organs: list[str]) -> ProGiDiffModel:
         model = ProGiDiffModel.from_config(config)
     model.config.organs = organs
     return model
+
+
+def build_trainer(args: argparse.Namespace, organs: list[str], train_args: tuple) -> Trainer:
+    if args.baseline:
+        torch.manual_seed(args.seed)
+        model = BaselineSegmenter(BaselineConfig(image_size=args.image_size, organs=tuple(organs)))
+        return BaselineTrainer(model, *train_args)
+    model = build_model(args, organs)
+    return DiffusionTrainer(model, prompt_encoder_for(model, args.init_from), *train_args)
 
 
 def load_data(args: argparse.Namespace) -> tuple[list[Volume], list[Volume], list[Volume]]:
@@ -99,16 +112,15 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("data: %d phantoms, %d real volumes, %d validation volumes (%.0f s)",
                 len(phantoms), len(real), len(val), time.time() - start)
 
-    model = build_model(args, organs)
     config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
     groups = [(phantoms, 1.0 - args.real_weight if real else 1.0), (real, args.real_weight if phantoms else 1.0)]
-    train_set = SliceDataset(groups, model.config.image_size, organs, seed=config.seed)
-    trainer = Trainer(model, prompt_encoder_for(model, args.init_from), train_set, val, config, args.out)
+    train_set = SliceDataset(groups, args.image_size, organs, seed=config.seed)
+    trainer = build_trainer(args, organs, (train_set, val, config, args.out))
     trainer.resume()
     final = trainer.fit()
     trainer.save_model(args.out / "model")
     record = {
-        "command": "python -m progidiff.train " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": "python -m progidiff.train " + " ".join(argv if argv is not None else sys.argv[1:]),
         "steps": trainer.step,
         "wall_minutes": round((time.time() - start) / 60, 2),
         "torch_threads": torch.get_num_threads(),

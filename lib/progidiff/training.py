@@ -1,12 +1,13 @@
 """The training loop shared by `python -m progidiff.train` and the MONAI Label trainer.
 
-One step: a batch of (slice, organ phrase, mask) → mask to the denoised space → DDPM noise at a
+`DiffusionTrainer` trains ProGiDiff, `BaselineTrainer` the deterministic baseline, through one loop.
+One ProGiDiff step: a batch of (slice, organ phrase, mask) → mask to the denoised space → DDPM noise at a
 random timestep → the model's prediction (x0 for the compact model) → MSE to the target.
 
-Diffusion from scratch learns anatomy slowly on a CPU budget, so the scan encoder also carries a
-1×1 "anatomy head" trained with Dice + BCE on every organ of the slice (deep supervision).  It
-gives the control branch strong, prompt-independent anatomy features early; the head is used only
-in training and is not part of the published model.
+Diffusion from scratch learns anatomy slowly on a CPU budget, so the scan encoder's 1×1 organ head
+is trained with Dice + BCE on every organ of the slice (deep supervision).  It gives the control
+branch strong, prompt-independent anatomy features early and, in the compact x0 model, the organ
+prior that the proposals vary around.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     ema_decay: float = 0.995
     anatomy_weight: float = 1.0  # weight of the scan encoder's deterministic anatomy loss
+    mask_weight: float = 1.0  # weight of the soft Dice of the predicted clean mask (x0-prediction, pixel space)
     low_noise_bias: float = 0.0  # >0 samples timesteps more often near t=0 (sharper final steps)
     val_every: int = 500
     checkpoint_every: int = 200
@@ -55,16 +57,11 @@ class TrainConfig:
     seed: int = 0
 
 
-class AnatomyHead(nn.Module):
-    """1×1 conv from the scan encoder's features to one logit per schema organ."""
-
-    def __init__(self, model: ProGiDiffModel):
-        super().__init__()
-        encoder = model.controlnet.controlnet_cond_embedding
-        self.conv = nn.Conv2d(encoder.conv_out.in_channels, len(ORGAN_IDS), 1)
-
-    def forward(self, model: ProGiDiffModel, image: torch.Tensor) -> torch.Tensor:
-        return self.conv(model.controlnet.controlnet_cond_embedding.features(image))
+def soft_dice_loss(probability: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of 1 − soft Dice; the +1 keeps empty targets (negative prompts) well defined."""
+    dims = tuple(range(1, probability.ndim))
+    inter = (probability * target).sum(dim=dims)
+    return (1 - (2 * inter + 1) / (probability.sum(dim=dims) + target.sum(dim=dims) + 1)).mean()
 
 
 def anatomy_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -99,12 +96,13 @@ def diffusion_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Te
 
 
 class Trainer:
-    """Trains the trainable parts of a ProGiDiffModel; EMA weights are what gets validated and saved."""
+    """The loop shared by both models: steps within a step and time budget, EMA, checkpoints and resume,
+    progress logs, TensorBoard scalars, validation Dice on held-out volumes.  Subclasses define one
+    training step and how to predict probabilities for validation."""
 
     def __init__(
         self,
-        model: ProGiDiffModel,
-        prompt_encoder: PromptEncoder,
+        model: nn.Module,
         train_set: SliceDataset,
         val_volumes: list[Volume],
         config: TrainConfig,
@@ -113,24 +111,28 @@ class Trainer:
         on_validation: Callable[[int, dict], None] | None = None,
     ):
         self.model = model.to(device)
-        self.prompt_encoder = prompt_encoder
         self.train_set = train_set
         self.val_volumes = val_volumes
         self.config = config
         self.out_dir = Path(out_dir)
         self.device = torch.device(device)
         self.on_validation = on_validation
-        self.head = AnatomyHead(model).to(device)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params + list(self.head.parameters()), lr=config.learning_rate, weight_decay=config.weight_decay
-        )
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.ema = EMAModel(self.params, decay=config.ema_decay)
-        self.scheduler = DDPMScheduler.from_config(model.scheduler_config)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.history: list[dict] = []
         self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    # ---- what subclasses define ----------------------------------------------------------------
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch; the key "loss" is what is minimised."""
+        raise NotImplementedError
+
+    def predict(self, images: torch.Tensor, organs: list[str]) -> torch.Tensor:
+        """Probabilities [N, B, P, H, W] for slices [B, 1, H, W] (N proposals)."""
+        raise NotImplementedError
 
     # ---- checkpoints ---------------------------------------------------------------------------
     @property
@@ -140,8 +142,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         state = {
             "step": self.step,
-            "model": {k: v for k, v in self.model.state_dict().items()},
-            "head": self.head.state_dict(),
+            "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict(),
             "generator": self.generator.get_state(),
@@ -156,7 +157,6 @@ class Trainer:
             return False
         state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
-        self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
@@ -167,50 +167,40 @@ class Trainer:
     # ---- one step ------------------------------------------------------------------------------
     def training_step(self, batch: dict) -> dict[str, float]:
         self.model.train()
-        image = batch["image"].to(self.device)
-        x0 = self.model.encode_mask(batch["mask"].to(self.device))
-        text = self.prompt_encoder.encode(list(batch["text"])).to(self.device)
-        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
-        t = sample_timesteps(x0.shape[0], self.scheduler.config.num_train_timesteps, self.config.low_noise_bias, self.generator)
-        t = t.to(self.device)
-        noisy = self.scheduler.add_noise(x0, noise, t)
-        prediction = self.model(noisy, t, text, image)
-        diffusion = F.mse_loss(prediction.float(), diffusion_target(self.scheduler, x0, noise, t).float())
-        anatomy = anatomy_loss(self.head(self.model, image), batch["label"].to(self.device))
-        loss = diffusion + self.config.anatomy_weight * anatomy
+        losses = self.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.ema.step(self.params)
-        return {"loss": loss.item(), "diffusion": diffusion.item(), "anatomy": anatomy.item()}
+        return {k: v.item() for k, v in losses.items()}
 
     # ---- validation ----------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> dict:
-        """Consensus and best-proposal Dice per organ on held-out slices, sampled with the EMA weights."""
+        """Consensus and best-proposal Dice per organ on held-out slices, with the EMA weights."""
         if not self.val_volumes:
             return {}
         self.ema.store(self.params)
         self.ema.copy_to(self.params)
+        self.model.eval()
         try:
-            pipeline = ProGiDiffPipeline(self.model, self.prompt_encoder, device=self.device, show_progress=False)
             scores: dict[str, list[float]] = {}
             best: dict[str, list[float]] = {}
+            organs = [o for o in self.config.val_organs.split(",") if o in self.train_set.organs]
             for volume in self.val_volumes:
-                organs = [o for o in self.config.val_organs.split(",") if o in self.train_set.organs]
                 wanted = [o for o in organs if (volume.label == ORGAN_IDS[o]).any()]
                 if not wanted:
                     continue
                 label = volume.label[:, :, ::2]  # every other slice: half the cost, same picture
                 images = torch.from_numpy(volume.image[:, :, ::2]).permute(2, 0, 1)[:, None]
-                out = pipeline(images, wanted, self.config.val_proposals, self.config.val_steps, seed=self.config.seed)
+                probabilities = self.predict(images, wanted)
                 for p, organ in enumerate(wanted):
                     reference = torch.from_numpy(label == ORGAN_IDS[organ]).permute(2, 0, 1)
-                    summary = summarise(out.probabilities[:, :, p])
+                    summary = summarise(probabilities[:, :, p])
                     scores.setdefault(organ, []).append(dice(summary.consensus, reference))
                     best.setdefault(organ, []).append(
-                        max(dice(out.probabilities[k, :, p] >= 0.5, reference) for k in range(out.probabilities.shape[0]))
+                        max(dice(probabilities[k, :, p] >= 0.5, reference) for k in range(probabilities.shape[0]))
                     )
             result = {
                 "dice": {o: sum(v) / len(v) for o, v in scores.items()},
@@ -242,12 +232,9 @@ class Trainer:
                 running[k] = 0.98 * running.get(k, v) + 0.02 * v
                 self.writer.add_scalar(f"train/{k}", v, self.step)
             if self.step % 25 == 0 or self.step == 1:
-                elapsed = time.time() - start
-                logger.info(
-                    "step %d/%d  loss %.4f (diffusion %.4f, anatomy %.4f)  %.2f s/step",
-                    self.step, cfg.max_steps, running["loss"], running["diffusion"], running["anatomy"],
-                    elapsed / max(self.step, 1),
-                )
+                terms = "  ".join(f"{k} {v:.4f}" for k, v in running.items())
+                logger.info("step %d/%d  %s  %.2f s/step", self.step, cfg.max_steps, terms,
+                            (time.time() - start) / self.step)
             if cfg.val_every and self.step % cfg.val_every == 0:
                 self._record_validation(time.time() - start)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -282,3 +269,46 @@ class Trainer:
         finally:
             self.ema.restore(self.params)
 
+
+class DiffusionTrainer(Trainer):
+    """ProGiDiff: diffusion loss on the prompted organ's mask + the scan encoder's anatomy loss."""
+
+    def __init__(self, model: ProGiDiffModel, prompt_encoder: PromptEncoder, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        self.prompt_encoder = prompt_encoder
+        self.scheduler = DDPMScheduler.from_config(model.scheduler_config)
+        self.direct_mask_loss = model.vae is None and self.scheduler.config.prediction_type == "sample"
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        image = batch["image"].to(self.device)
+        x0 = self.model.encode_mask(batch["mask"].to(self.device))
+        text = self.prompt_encoder.encode(list(batch["text"])).to(self.device)
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        num_train = self.scheduler.config.num_train_timesteps
+        t = sample_timesteps(x0.shape[0], num_train, self.config.low_noise_bias, self.generator).to(self.device)
+        organ_index = torch.tensor([ORGAN_IDS[o] - 1 for o in batch["organ"]], device=self.device)
+        prediction = self.model(self.scheduler.add_noise(x0, noise, t), t, text, image, organ_index)
+        terms = {"diffusion": F.mse_loss(prediction.float(), diffusion_target(self.scheduler, x0, noise, t).float())}
+        logits = self.model.scan_encoder.organ_logits(image)
+        terms["anatomy"] = anatomy_loss(logits, batch["label"].to(self.device))
+        if self.direct_mask_loss:
+            # x0 is the mask itself: also score it as a segmentation (SDSeg's direct mask estimation).
+            predicted = ((prediction.float() + 1) / 2).clamp(0, 1)
+            terms["mask"] = soft_dice_loss(predicted, (x0 + 1) / 2)
+        weights = {"diffusion": 1.0, "anatomy": self.config.anatomy_weight, "mask": self.config.mask_weight}
+        return {"loss": sum(weights[k] * v for k, v in terms.items()), **terms}
+
+    def predict(self, images: torch.Tensor, organs: list[str]) -> torch.Tensor:
+        pipeline = ProGiDiffPipeline(self.model, self.prompt_encoder, device=self.device, show_progress=False)
+        return pipeline(images, organs, self.config.val_proposals, self.config.val_steps, seed=self.config.seed).probabilities
+
+
+class BaselineTrainer(Trainer):
+    """The deterministic MONAI UNet: Dice + BCE on every organ of the slice."""
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        logits = self.model(batch["image"].to(self.device))
+        return {"loss": anatomy_loss(logits, batch["label"].to(self.device))}
+
+    def predict(self, images: torch.Tensor, organs: list[str]) -> torch.Tensor:
+        return self.model.predict(images, organs)

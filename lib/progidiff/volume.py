@@ -23,15 +23,14 @@ from .proposals import summarise
 logger = logging.getLogger(__name__)
 
 
-def loading_transforms(key: str = "image", spacing: float | None = None) -> list:
-    """MONAI transforms that bring a NIfTI/NRRD file or DICOM series folder into the model's frame."""
-    steps: list = [
-        mt.LoadImaged(key),
-        mt.EnsureChannelFirstd(key),
-        mt.Orientationd(key, axcodes="RAS"),
-    ]
+def loading_transforms(keys: str | list[str] = "image", spacing: float | None = None, label_keys: tuple = ()) -> list:
+    """MONAI transforms that bring a NIfTI/NRRD file or DICOM series folder into the model's frame
+    (RAS, `spacing` mm in-plane, slice spacing kept); `label_keys` are resampled nearest-neighbour."""
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    steps: list = [mt.LoadImaged(keys), mt.EnsureChannelFirstd(keys), mt.Orientationd(keys, axcodes="RAS")]
     if spacing:
-        steps.append(mt.Spacingd(key, pixdim=(spacing, spacing, -1), mode="bilinear"))
+        modes = tuple("nearest" if k in label_keys else "bilinear" for k in keys)
+        steps.append(mt.Spacingd(keys, pixdim=(spacing, spacing, -1), mode=modes))
     return steps
 
 

@@ -50,7 +50,7 @@ def parse_params(
     prompt = data.get("prompt", defaults["prompt"])
     if not isinstance(prompt, str) or not prompt.strip():
         raise bad_request(f"'prompt' must name one or more organs (e.g. 'liver', 'left kidney, spleen', "
-                          f"'all organs'); known organs: {', '.join(known_organs)}")
+                          f"'all organs'). Known organs: {', '.join(known_organs)}")
     if len(prompt) > MAX_PROMPT_CHARS or any(ord(c) < 32 and c not in "\t\n" for c in prompt):
         raise bad_request(f"'prompt' must be plain text of at most {MAX_PROMPT_CHARS} characters")
     try:

@@ -28,6 +28,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.infers.params import InferParams, bad_request, parse_params
 from progidiff.labels import ORGAN_IDS
+from progidiff.modality import resolve_modality
 from progidiff.model import CONFIG_NAME
 from progidiff.pipeline import ProGiDiffPipeline
 from progidiff.volume import VolumeProposals, consensus_label_map, loading_transforms, organ_statistics, segment_volume
@@ -135,6 +136,7 @@ class ProGiDiffInfer(BasicInferTask):
         voxel_ml = float(torch.as_tensor(image.pixdim[:3]).prod()) / 1000.0
         data["progidiff_stats"] = organ_statistics(proposals, voxel_ml)
         data["progidiff_seconds"] = proposals.seconds
+        data["progidiff_modality"] = resolve_modality(params.modality, data.get("image_path", ""), image[0].numpy())
         return data
 
     def _proposals(self, pipeline: ProGiDiffPipeline, data: dict, params: InferParams) -> VolumeProposals:
@@ -173,8 +175,7 @@ class ProGiDiffInfer(BasicInferTask):
         chosen = proposals[params.proposal] if params.proposal is not None else consensus
 
         stored = self._store_outputs(data, proposals, mean, std, affine)
-        data["pred"] = chosen.numpy()
-        data["image_meta_dict"] = {"affine": affine}
+        data["pred"] = MetaTensor(chosen, affine=torch.as_tensor(affine))  # the writer takes the affine from here
         if not data.get("result_extension"):
             data["result_extension"] = ".nii.gz"
         data["result"] = {
@@ -184,7 +185,8 @@ class ProGiDiffInfer(BasicInferTask):
             "num_proposals": n,
             "steps": params.steps,
             "seed": params.seed,
-            "modality": params.modality,
+            "modality": data["progidiff_modality"][0],
+            "modality_source": data["progidiff_modality"][1],
             "cached": data.get("progidiff_cached", False),
             "sampling_seconds": round(float(data.get("progidiff_seconds", 0.0)), 3),
             "organ_stats": data.get("progidiff_stats", {}),

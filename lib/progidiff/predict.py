@@ -1,0 +1,81 @@
+"""Shared by the `segment` and `evaluate` CLIs: load a model folder (ProGiDiff or baseline), bring a
+NIfTI file or DICOM series into the model's frame with MONAI, sample, and map results back."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai import transforms as mt
+from monai.data import MetaTensor
+
+from .baseline import BaselineSegmenter, is_baseline_folder
+from .pipeline import ProGiDiffPipeline
+from .volume import VolumeProposals, loading_transforms, segment_volume
+
+
+class Predictor:
+    """One interface over both kinds of model folder: `segment(volume, organs, ...) -> VolumeProposals`."""
+
+    def __init__(self, model_dir: str | Path, scheduler: str = "ddim", device: str | None = None):
+        self.model_dir = Path(model_dir)
+        if is_baseline_folder(self.model_dir):
+            self.baseline: BaselineSegmenter | None = BaselineSegmenter.from_pretrained(self.model_dir)
+            self.pipeline = None
+            self.spacing_mm = self.baseline.config.spacing_mm
+            self.organs = list(self.baseline.config.organs)
+        else:
+            self.baseline = None
+            self.pipeline = ProGiDiffPipeline.from_pretrained(self.model_dir, scheduler=scheduler, device=device,
+                                                              show_progress=False)
+            self.spacing_mm = self.pipeline.model.config.spacing_mm
+            self.organs = list(self.pipeline.model.config.organs)
+
+    @property
+    def kind(self) -> str:
+        return "baseline" if self.baseline is not None else "progidiff"
+
+    def segment(self, volume: torch.Tensor, organs: list[str], proposals: int, steps: int, seed: int) -> VolumeProposals:
+        if self.pipeline is not None:
+            return segment_volume(self.pipeline, volume, organs, proposals, steps, seed)
+        start = time.time()
+        slices = torch.as_tensor(volume, dtype=torch.float32).permute(2, 0, 1)[:, None]
+        probability = self.baseline.predict(slices, organs)  # [1, Z, P, X, Y]
+        probability = probability.permute(0, 2, 3, 4, 1).to(torch.float16)  # [1, P, X, Y, Z]
+        return VolumeProposals(organs, probability, seed, 1, time.time() - start)
+
+
+@dataclass
+class LoadedVolume:
+    """A scan in the model's frame, with what is needed to map outputs back to the file's geometry."""
+
+    data: dict
+    transform: mt.Compose
+
+    @property
+    def image(self) -> MetaTensor:
+        return self.data["image"]
+
+    @property
+    def voxel_spacing(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in self.image.pixdim[:3])
+
+    def to_input_geometry(self, channels: torch.Tensor, mode: str = "bilinear") -> tuple[np.ndarray, np.ndarray]:
+        """[C, X, Y, Z] in the model frame → (array [C, ...] in the file's geometry, its affine)."""
+        out = MetaTensor(channels.float(), affine=self.image.affine, meta=copy.deepcopy(self.image.meta))
+        out.applied_operations = copy.deepcopy(self.image.applied_operations)
+        inverted = self.transform.inverse({"image": out})["image"]
+        return np.asarray(inverted), np.asarray(inverted.affine, dtype=np.float64)
+
+
+def load_volume(path: str | Path, spacing_mm: float, label: str | Path | None = None) -> LoadedVolume:
+    """Read with MONAI (NIfTI, NRRD or a DICOM series folder) into RAS at the model's in-plane spacing."""
+    keys = ["image"] + (["label"] if label is not None else [])
+    transform = mt.Compose(loading_transforms(keys, spacing_mm, label_keys=("label",)))
+    data = {"image": str(path)} | ({"label": str(label)} if label is not None else {})
+    return LoadedVolume(transform(data), transform)
+

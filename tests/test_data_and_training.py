@@ -1,0 +1,166 @@
+"""Phantoms, the label schema, the training loop, and the evaluate/segment CLIs on tiny cases."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_DATA, requires_shared_data
+from progidiff import evaluate, segment
+from progidiff.data import SliceDataset, load_volume_pair, phantom_volumes
+from progidiff.labels import ORGAN_IDS, load_class_map, organs_present, to_schema
+from progidiff.model import ProGiDiffModel
+from progidiff.phantoms import PHANTOM_ORGANS, make_phantom, write_sample_set
+from progidiff.training import DiffusionTrainer, TrainConfig
+
+TINY_ORGANS = ["liver", "spleen", "kidney_left", "aorta"]
+
+
+# ---- phantoms -------------------------------------------------------------------------------------
+def test_phantom_is_deterministic_and_varies_with_seed():
+    a, b, c = make_phantom(3), make_phantom(3), make_phantom(4)
+    assert np.array_equal(a.ct, b.ct) and np.array_equal(a.label, b.label)
+    assert not np.array_equal(a.label, c.label)
+
+
+def test_phantom_anatomy_and_intensities():
+    p = make_phantom(0)
+    assert p.ct.shape == p.mr.shape == p.label.shape
+    assert set(organs_present(p.label, min_voxels=20)) >= set(PHANTOM_ORGANS)
+    liver = p.ct[p.label == ORGAN_IDS["liver"]].mean()
+    assert 30 < liver < 140  # soft-tissue HU, non-contrast or portal-venous
+    assert p.ct[p.label == ORGAN_IDS["vertebrae"]].mean() > 150  # bone
+    assert np.percentile(p.ct, 1) < -900  # air around the body
+    kidney_x = np.argwhere(p.label == ORGAN_IDS["kidney_right"])[:, 0].mean()
+    assert kidney_x > np.argwhere(p.label == ORGAN_IDS["kidney_left"])[:, 0].mean()  # RAS: right is +x
+    assert p.mr.min() >= 0 and not np.array_equal(np.argsort(p.mr.ravel()[:500]), np.argsort(p.ct.ravel()[:500]))
+
+
+def test_sample_set_files_share_geometry(tmp_path):
+    write_sample_set(tmp_path, count=1, seed=7, mr_count=1)
+    image = nib.load(tmp_path / "ct" / "phantom_007.nii.gz")
+    label = nib.load(tmp_path / "ct" / "labels" / "final" / "phantom_007.nii.gz")
+    mr = nib.load(tmp_path / "mr" / "phantom_007_mr.nii.gz")
+    assert image.shape == label.shape == mr.shape
+    assert np.allclose(image.affine, label.affine) and np.allclose(image.affine, mr.affine)
+    assert np.allclose(np.abs(np.diag(image.affine))[:3], 3.0)
+
+
+# ---- label schema ---------------------------------------------------------------------------------
+def test_label_maps_are_mapped_by_name_not_id(tmp_path):
+    class_map = {"total": {"52": "aorta", "5": "liver", "31": "vertebrae_L1", "90": "brain"},
+                 "total_mr": {"23": "aorta", "5": "liver", "19": "vertebrae"}}
+    (tmp_path / "class_map.json").write_text(json.dumps(class_map))
+    ct = to_schema(np.array([0, 52, 5, 31, 90]), load_class_map("total", tmp_path / "label.nii.gz"))
+    mr = to_schema(np.array([0, 23, 5, 19]), load_class_map("total_mr", tmp_path / "label.nii.gz"))
+    aorta, liver, vertebrae = ORGAN_IDS["aorta"], ORGAN_IDS["liver"], ORGAN_IDS["vertebrae"]
+    assert ct.tolist() == [0, aorta, liver, vertebrae, 0]
+    assert mr.tolist() == [0, aorta, liver, vertebrae]
+    with pytest.raises(KeyError, match="total_xx"):
+        load_class_map("total_xx", tmp_path / "label.nii.gz")
+
+
+@requires_shared_data()
+def test_real_ct_and_mr_labels_load_into_the_schema():
+    ct = load_volume_pair(SHARED_DATA / "ct_a" / "image.nii.gz", SHARED_DATA / "ct_a" / "label.nii.gz", "total")
+    mr = load_volume_pair(SHARED_DATA / "mr_a" / "image.nii.gz", SHARED_DATA / "mr_a" / "label.nii.gz", "total_mr")
+    for volume in (ct, mr):
+        assert {"liver", "spleen", "aorta", "kidney_left"} <= set(organs_present(volume.label, 50))
+    # same organ, same schema value, although the source ids differ (52 vs 23)
+    assert (ct.label == ORGAN_IDS["aorta"]).sum() > 100 and (mr.label == ORGAN_IDS["aorta"]).sum() > 100
+    assert ct.image.min() < -500 and mr.image.min() >= -100  # RAS, HU vs MR magnitudes
+
+
+# ---- training -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_volumes():
+    return phantom_volumes(2, seed=500)
+
+
+def _trainer(small_config, minilm, volumes, out, **overrides) -> DiffusionTrainer:
+    torch.manual_seed(0)
+    model = ProGiDiffModel.from_config(small_config)
+    dataset = SliceDataset([(volumes, 1.0)], small_config.image_size, TINY_ORGANS, seed=0)
+    config = TrainConfig(**{"batch_size": 4, "learning_rate": 2e-3, "val_every": 0, "checkpoint_every": 0,
+                            "val_proposals": 2, "val_steps": 2, "val_organs": "liver", **overrides})
+    return DiffusionTrainer(model, minilm, dataset, volumes[:1], config, out)
+
+
+def test_a_few_steps_reduce_the_loss(small_config, minilm, tiny_volumes, tmp_path):
+    trainer = _trainer(small_config, minilm, tiny_volumes, tmp_path, max_steps=40)
+    batch = next(iter(torch.utils.data.DataLoader(trainer.train_set, batch_size=8)))
+
+    def fixed_loss() -> float:
+        trainer.generator.manual_seed(123)
+        with torch.no_grad():
+            return trainer.loss(batch)["loss"].item()
+
+    before = fixed_loss()
+    trainer.fit()
+    assert trainer.step == 40
+    assert fixed_loss() < 0.8 * before
+    assert (tmp_path / "tensorboard").is_dir() and trainer.history[-1]["step"] == 40
+
+
+def test_resume_continues_from_the_checkpoint(small_config, minilm, tiny_volumes, tmp_path):
+    first = _trainer(small_config, minilm, tiny_volumes, tmp_path, max_steps=4, checkpoint_every=2)
+    first.fit()
+    saved = {k: v.clone() for k, v in first.model.state_dict().items()}
+    second = _trainer(small_config, minilm, tiny_volumes, tmp_path, max_steps=6)
+    assert second.resume() and second.step == 4
+    assert all(torch.equal(saved[k], v) for k, v in second.model.state_dict().items())
+    second.fit()
+    assert second.step == 6 and [h["step"] for h in second.history] == [4, 6]
+
+
+# ---- CLIs ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from conftest import wake_control_branch
+    from progidiff.model import ProGiDiffConfig
+
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    torch.manual_seed(0)
+    model = ProGiDiffModel.from_config(ProGiDiffConfig(image_size=32, mask_size=16, compact_channels=(8, 16),
+                                                       encoder_channels=(8, 8)))
+    wake_control_branch(model, 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_case(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("case")
+    write_sample_set(folder, count=1, seed=11, mr_count=0)
+    return folder / "ct" / "phantom_011.nii.gz", folder / "ct" / "labels" / "final" / "phantom_011.nii.gz"
+
+
+def test_evaluate_writes_the_documented_keys(tiny_model_dir, tiny_case, tmp_path):
+    image, label = tiny_case
+    result = evaluate.main(["--model", str(tiny_model_dir), "--image", str(image), "--label", str(label),
+                            "--organs", "liver,spleen", "--proposals", "2", "--steps", "2", "--slices", "10:20",
+                            "--out", str(tmp_path / "result.json")])
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    for organ in ("liver", "spleen"):
+        assert set(saved["organs"][organ]) >= {"dice_consensus", "dice_best", "dice_mean", "hd95_consensus"}
+        assert 0 <= saved["organs"][organ]["dice_mean"] <= saved["organs"][organ]["dice_best"] <= 1
+    assert saved["seconds"] > 0 and saved["slices"] == [10, 20]
+    assert (tmp_path / "result_liver.png").stat().st_size > 1000
+
+
+def test_segment_writes_outputs_in_the_input_geometry(tiny_model_dir, tiny_case, tmp_path):
+    image, _ = tiny_case
+    summary = segment.main(["--model", str(tiny_model_dir), "--image", str(image), "--prompt", "L kidney, liver",
+                            "--proposals", "2", "--steps", "2", "--out", str(tmp_path)])
+    source = nib.load(image)
+    for name in ("consensus", "proposal_0", "proposal_1", "uncertainty"):
+        written = nib.load(tmp_path / f"{name}.nii.gz")
+        assert written.shape == source.shape and np.allclose(written.affine, source.affine, atol=1e-4)
+    assert summary["label_names"] == {"kidney_left": 3, "liver": 1}
+    assert json.loads((tmp_path / "summary.json").read_text())["seconds"] > 0
+    assert (tmp_path / "montage_liver.png").is_file()
