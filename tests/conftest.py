@@ -24,10 +24,16 @@ def minilm() -> PromptEncoder:
     return PromptEncoder(packaged_minilm_dir())
 
 
+def tiny_config(**overrides) -> ProGiDiffConfig:
+    """A compact model small enough for fast tests (image 32 px, mask 16 px)."""
+    sizes = {"image_size": 32, "mask_size": 16, "compact_channels": (8, 16), "encoder_channels": (8, 8),
+             "encoder_backbone": (8, 16)}
+    return ProGiDiffConfig(**{**sizes, **overrides})
+
+
 @pytest.fixture
 def small_config() -> ProGiDiffConfig:
-    """A compact model small enough for fast tests (image 32 px, mask 16 px)."""
-    return ProGiDiffConfig(image_size=32, mask_size=16, compact_channels=(8, 16), encoder_channels=(8, 8))
+    return tiny_config()
 
 
 @pytest.fixture

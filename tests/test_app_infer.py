@@ -13,9 +13,9 @@ import requests
 import torch
 from requests_toolbelt.multipart import decoder
 
-from conftest import wake_control_branch
+from conftest import tiny_config, wake_control_branch
 from dicom_series import write_series
-from progidiff.model import ProGiDiffConfig, ProGiDiffModel
+from progidiff.model import ProGiDiffModel
 from progidiff.prompts import KNOWN_ORGANS
 from server import ROOT, Server, copy_studies
 
@@ -27,9 +27,7 @@ IMAGE = "phantom_000"
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("app")
     torch.manual_seed(0)
-    model = ProGiDiffModel.from_config(
-        ProGiDiffConfig(image_size=32, mask_size=16, compact_channels=(8, 16), encoder_channels=(8, 8))
-    )
+    model = ProGiDiffModel.from_config(tiny_config())
     wake_control_branch(model, scale=0.3)
     model.save_pretrained(work / "model")
     studies = copy_studies(SAMPLE, work / "studies")

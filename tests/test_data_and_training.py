@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, requires_shared_data
+from conftest import SHARED_DATA, requires_shared_data, tiny_config, wake_control_branch
 from progidiff import evaluate, segment
 from progidiff.data import SliceDataset, load_volume_pair, phantom_volumes
 from progidiff.labels import ORGAN_IDS, load_class_map, organs_present, to_schema
@@ -120,13 +120,9 @@ def test_resume_continues_from_the_checkpoint(small_config, minilm, tiny_volumes
 # ---- CLIs ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from conftest import wake_control_branch
-    from progidiff.model import ProGiDiffConfig
-
     folder = tmp_path_factory.mktemp("tiny") / "model"
     torch.manual_seed(0)
-    model = ProGiDiffModel.from_config(ProGiDiffConfig(image_size=32, mask_size=16, compact_channels=(8, 16),
-                                                       encoder_channels=(8, 8)))
+    model = ProGiDiffModel.from_config(tiny_config())
     wake_control_branch(model, 0.3)
     model.save_pretrained(folder)
     return folder

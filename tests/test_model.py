@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from conftest import wake_control_branch
+from conftest import tiny_config, wake_control_branch
 from progidiff.image_encoder import IntensityWindows
-from progidiff.model import ProGiDiffConfig, ProGiDiffModel
+from progidiff.model import ProGiDiffModel
 
 
 def _inputs(model: ProGiDiffModel, batch: int = 2):
@@ -19,8 +19,7 @@ def _inputs(model: ProGiDiffModel, batch: int = 2):
 
 @pytest.mark.parametrize("image_size, mask_size", [(32, 16), (64, 64)])
 def test_forward_shapes(image_size, mask_size):
-    config = ProGiDiffConfig(image_size=image_size, mask_size=mask_size, compact_channels=(8, 16), encoder_channels=(8,))
-    model = ProGiDiffModel.from_config(config)
+    model = ProGiDiffModel.from_config(tiny_config(image_size=image_size, mask_size=mask_size))
     noisy, timesteps, text, image, organ = _inputs(model)
     with torch.no_grad():
         out = model(noisy, timesteps, text, image, organ)

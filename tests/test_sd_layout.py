@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from conftest import wake_control_branch
-from progidiff.model import ProGiDiffConfig, ProGiDiffModel
+from conftest import tiny_config, wake_control_branch
+from progidiff.model import ProGiDiffModel
 from progidiff.pipeline import ProGiDiffPipeline
 from tiny_sd import build_tiny_sd
 
@@ -16,7 +16,7 @@ def sd_folder(tmp_path_factory):
 
 def test_sd_base_gives_latent_space_proposals(sd_folder, tmp_path):
     torch.manual_seed(0)
-    model = ProGiDiffModel.from_config(ProGiDiffConfig(base=str(sd_folder), image_size=32, encoder_channels=(8, 8)))
+    model = ProGiDiffModel.from_config(tiny_config(base=str(sd_folder), image_size=32))
     assert model.vae is not None and model.config.text_encoder == "base"
     assert model.working_size == 16 and model.mask_channels == 4  # the tiny VAE downsamples by 2
     assert not any(p.requires_grad for p in model.unet.parameters())  # the pretrained base stays frozen
@@ -38,4 +38,4 @@ def test_sd_base_gives_latent_space_proposals(sd_folder, tmp_path):
 def test_incomplete_base_folder_is_named(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(FileNotFoundError, match="vae/, scheduler/"):
-        ProGiDiffModel.from_config(ProGiDiffConfig(base=str(tmp_path)))
+        ProGiDiffModel.from_config(tiny_config(base=str(tmp_path)))

@@ -11,6 +11,7 @@ as in ControlNet, so an untrained branch adds nothing to the base.
 from __future__ import annotations
 
 import torch
+from monai.networks.nets import UNet
 from torch import nn
 
 # (centre, width) in HU: soft tissue, liver/contrast, bone, lung.
@@ -72,6 +73,7 @@ class ScanEncoder(nn.Module):
         blocks_per_stage: int = 1,
         windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS,
         num_organs: int = 0,
+        backbone_channels: tuple[int, ...] = (),
     ):
         super().__init__()
         self.config = {
@@ -81,12 +83,25 @@ class ScanEncoder(nn.Module):
             "blocks_per_stage": blocks_per_stage,
             "windows": [list(w) for w in windows],
             "num_organs": num_organs,
+            "backbone_channels": list(backbone_channels),
         }
         self.windows = IntensityWindows(windows)
         # One stage per entry of `channels`; the first `downsample` stages after the first halve the size.
         channels = tuple(channels) + (channels[-1],) * max(0, downsample + 1 - len(channels))
         width = channels[0]
-        layers: list[nn.Module] = [nn.Conv2d(self.windows.out_channels, width, 3, padding=1)]
+        if backbone_channels:
+            # A MONAI UNet first: a receptive field wide enough to tell left from right kidney, spleen from liver.
+            first: nn.Module = UNet(
+                spatial_dims=2,
+                in_channels=self.windows.out_channels,
+                out_channels=width,
+                channels=tuple(backbone_channels),
+                strides=(2,) * (len(backbone_channels) - 1),
+                num_res_units=1,
+            )
+        else:
+            first = nn.Conv2d(self.windows.out_channels, width, 3, padding=1)
+        layers: list[nn.Module] = [first]
         for stage, stage_width in enumerate(channels):
             if stage > 0:
                 stride = 2 if stage <= downsample else 1
@@ -108,11 +123,16 @@ class ScanEncoder(nn.Module):
         """Anatomy features before the zero convolutions."""
         return self.body(self.windows(image).to(self.conv_out.weight.dtype))
 
-    def organ_logits(self, image: torch.Tensor) -> torch.Tensor:
-        """Per-organ logits [B, num_organs, h, w] at the working size."""
+    def organ_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-organ logits [B, num_organs, h, w] at the working size, from `features(image)`."""
         if self.organ_head is None:
             raise ValueError("this scan encoder has no organ head (num_organs=0)")
-        return self.organ_head(self.features(image))
+        return self.organ_head(features)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(self.features(image))
+    def forward(self, image_or_features: torch.Tensor) -> torch.Tensor:
+        """The conditioning added to the UNet's first features.
+
+        Accepts the scan [B, 1, H, W] or, so that a caller computes them once, `features(scan)`.
+        """
+        x = image_or_features
+        return self.conv_out(x if x.shape[1] == self.conv_out.in_channels else self.features(x))

@@ -50,6 +50,7 @@ class ProGiDiffConfig:
     freeze_base: bool = False
     compact_channels: tuple[int, ...] = (16, 32, 64, 64)
     encoder_channels: tuple[int, ...] = (16, 32)
+    encoder_backbone: tuple[int, ...] = (16, 32, 64, 128)  # MONAI UNet channels before the encoder stages
     windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS
     organs: list[str] = field(default_factory=list)  # organs the model was trained on (empty: untrained)
     organ_prior: bool = True  # compact x0 model: add the scan encoder's organ read-out to the predicted mask
@@ -69,7 +70,7 @@ class ProGiDiffConfig:
     def from_json(cls, data: dict[str, Any]) -> "ProGiDiffConfig":
         known = {f for f in cls.__dataclass_fields__}
         data = {k: v for k, v in data.items() if k in known}
-        for key in ("compact_channels", "encoder_channels"):
+        for key in ("compact_channels", "encoder_channels", "encoder_backbone"):
             if key in data:
                 data[key] = tuple(data[key])
         if "windows" in data:
@@ -163,6 +164,7 @@ class ProGiDiffModel(nn.Module):
             channels=config.encoder_channels,
             windows=config.windows,
             num_organs=len(ORGAN_IDS),
+            backbone_channels=config.encoder_backbone,
         )
 
     # ---- the network ---------------------------------------------------------------------------
@@ -194,18 +196,21 @@ class ProGiDiffModel(nn.Module):
         image: torch.Tensor,
         organ_index: torch.Tensor | None = None,
         conditioning_scale: float = 1.0,
-    ) -> torch.Tensor:
+        return_organ_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The base's prediction for `noisy`, steered by the branch's residuals from `image`.
 
         With the organ prior, the scan encoder's read-out for the prompted organ (`organ_index`, schema
         value − 1, one per batch item) is added to the predicted mask: the diffusion model then learns
         the proposals' variation around an anatomy estimate instead of the anatomy from scratch.
+        `return_organ_logits` also returns every organ's logits (for the training loss).
         """
+        features = self.scan_encoder.features(image)  # once, for the branch and the organ read-out
         down, mid = self.controlnet(
             noisy,
             timesteps,
             encoder_hidden_states=text_embeddings,
-            controlnet_cond=image,
+            controlnet_cond=features,
             conditioning_scale=conditioning_scale,
             return_dict=False,
         )
@@ -216,13 +221,13 @@ class ProGiDiffModel(nn.Module):
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
         ).sample
-        if not self.uses_organ_prior:
-            return prediction
-        if organ_index is None:
-            raise ValueError("this model adds an organ prior: pass organ_index (schema value - 1) per batch item")
-        logits = self.scan_encoder.organ_logits(image)
-        index = organ_index.to(logits.device).view(-1, 1, 1, 1).expand(-1, 1, *logits.shape[-2:])
-        return prediction + torch.tanh(logits.gather(1, index) / 2).to(prediction.dtype)  # = 2·sigmoid − 1
+        logits = self.scan_encoder.organ_logits(features)
+        if self.uses_organ_prior:
+            if organ_index is None:
+                raise ValueError("this model adds an organ prior: pass organ_index (schema value - 1) per batch item")
+            index = organ_index.to(logits.device).view(-1, 1, 1, 1).expand(-1, 1, *logits.shape[-2:])
+            prediction = prediction + torch.tanh(logits.gather(1, index) / 2).to(prediction.dtype)  # 2·sigmoid − 1
+        return (prediction, logits) if return_organ_logits else prediction
 
     # ---- masks <-> the denoised space ----------------------------------------------------------
     def encode_mask(self, mask: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-weight", type=float, default=0.35, help="share of samples drawn from --volume data")
     p.add_argument("--organs", default="", help="comma list of schema organs (default: all)")
     p.add_argument("--init-from", type=Path, default=None, help="start from this model folder")
+    p.add_argument("--spacing-mm", type=float, default=3.0, help="in-plane spacing volumes are resampled to")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--mask-size", type=int, default=64)
     p.add_argument("--channels", default="16,32,64,64", help="compact UNet block widths")
@@ -65,6 +66,7 @@ def build_model(args: argparse.Namespace, organs: list[str]) -> ProGiDiffModel:
     else:
         torch.manual_seed(args.seed)
         config = ProGiDiffConfig(
+            spacing_mm=args.spacing_mm,
             image_size=args.image_size,
             mask_size=args.mask_size,
             compact_channels=tuple(int(c) for c in args.channels.split(",")),
@@ -78,7 +80,8 @@ def build_model(args: argparse.Namespace, organs: list[str]) -> ProGiDiffModel:
 def build_trainer(args: argparse.Namespace, organs: list[str], train_args: tuple) -> Trainer:
     if args.baseline:
         torch.manual_seed(args.seed)
-        model = BaselineSegmenter(BaselineConfig(image_size=args.image_size, organs=tuple(organs)))
+        config = BaselineConfig(image_size=args.image_size, spacing_mm=args.spacing_mm, organs=tuple(organs))
+        model = BaselineSegmenter(config)
         return BaselineTrainer(model, *train_args)
     model = build_model(args, organs)
     return DiffusionTrainer(model, prompt_encoder_for(model, args.init_from), *train_args)
@@ -90,7 +93,7 @@ def load_data(args: argparse.Namespace) -> tuple[list[Volume], list[Volume], lis
     val = phantom_volumes(args.val_phantoms, args.phantom_seed + 100000, args.modality) if args.val_phantoms else []
     real = []
     for image, label, label_map in args.volume:
-        volume = load_volume_pair(image, label, label_map)
+        volume = load_volume_pair(image, label, label_map, spacing=args.spacing_mm)
         if args.hold_out is not None:
             volume, held_out = split_slices(volume, args.hold_out)
             val.append(held_out)

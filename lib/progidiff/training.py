@@ -287,9 +287,9 @@ class DiffusionTrainer(Trainer):
         num_train = self.scheduler.config.num_train_timesteps
         t = sample_timesteps(x0.shape[0], num_train, self.config.low_noise_bias, self.generator).to(self.device)
         organ_index = torch.tensor([ORGAN_IDS[o] - 1 for o in batch["organ"]], device=self.device)
-        prediction = self.model(self.scheduler.add_noise(x0, noise, t), t, text, image, organ_index)
+        noisy = self.scheduler.add_noise(x0, noise, t)
+        prediction, logits = self.model(noisy, t, text, image, organ_index, return_organ_logits=True)
         terms = {"diffusion": F.mse_loss(prediction.float(), diffusion_target(self.scheduler, x0, noise, t).float())}
-        logits = self.model.scan_encoder.organ_logits(image)
         terms["anatomy"] = anatomy_loss(logits, batch["label"].to(self.device))
         if self.direct_mask_loss:
             # x0 is the mask itself: also score it as a segmentation (SDSeg's direct mask estimation).
