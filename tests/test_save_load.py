@@ -39,3 +39,9 @@ def test_failed_save_keeps_the_previous_model(small_model, tmp_path, monkeypatch
 def test_loading_a_non_model_folder_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="progidiff_config.json"):
         ProGiDiffModel.from_pretrained(tmp_path)
+
+
+def test_a_publish_killed_between_renames_is_recovered(small_model, tmp_path):
+    small_model.save_pretrained(tmp_path / "model")
+    (tmp_path / "model").rename(tmp_path / ".model.old")  # the state right after the first rename
+    assert ProGiDiffModel.from_pretrained(tmp_path / "model").config == small_model.config

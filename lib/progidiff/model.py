@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .image_encoder import DEFAULT_WINDOWS, ScanEncoder
-from .io_utils import atomic_directory
+from .io_utils import atomic_directory, recover_directory
 from .labels import ORGAN_IDS
 from .schedulers import compact_training_scheduler
 
@@ -262,7 +262,7 @@ class ProGiDiffModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "ProGiDiffModel":
-        directory = Path(directory)
+        directory = recover_directory(directory)  # a publish killed between its two renames left the old one aside
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{directory} is not a ProGiDiff model folder (no {CONFIG_NAME})")
