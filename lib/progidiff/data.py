@@ -9,7 +9,6 @@ No left-right flips: they would swap "left kidney" and "right kidney".
 
 from __future__ import annotations
 
-import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,6 @@ from .labels import ORGAN_IDS, load_class_map, organs_present, to_schema
 from .phantoms import make_phantom
 from .prompts import ORGAN_SYNONYMS, organ_text
 from .volume import loading_transforms
-
-logger = logging.getLogger(__name__)
-
 
 @dataclass
 class Volume:

@@ -26,9 +26,6 @@ from .predict import Predictor, load_volume
 from .prompts import parse_prompt
 from .train import parse_range
 
-logger = logging.getLogger("progidiff.evaluate")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True)

@@ -64,7 +64,7 @@ class LoadedVolume:
     def voxel_spacing(self) -> tuple[float, float, float]:
         return tuple(float(v) for v in self.image.pixdim[:3])
 
-    def to_input_geometry(self, channels: torch.Tensor, mode: str = "bilinear") -> tuple[np.ndarray, np.ndarray]:
+    def to_input_geometry(self, channels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """[C, X, Y, Z] in the model frame → (array [C, ...] in the file's geometry, its affine)."""
         out = MetaTensor(channels.float(), affine=self.image.affine, meta=copy.deepcopy(self.image.meta))
         out.applied_operations = copy.deepcopy(self.image.applied_operations)

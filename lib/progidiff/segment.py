@@ -24,10 +24,7 @@ from .montage import save_montage
 from .phantoms import save_nifti
 from .predict import Predictor, load_volume
 from .prompts import parse_prompt
-from .volume import consensus_label_map, organ_statistics
-
-logger = logging.getLogger("progidiff.segment")
-
+from .volume import consensus_label_map, organ_statistics, proposal_channels, split_proposal_channels
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,12 +45,9 @@ def segment(args: argparse.Namespace) -> dict:
     organs = parse_prompt(args.prompt, known=tuple(predictor.organs) or tuple(ORGAN_IDS))
     loaded = load_volume(args.image, predictor.spacing_mm)
     proposals = predictor.segment(loaded.image[0].as_tensor(), organs, args.proposals, args.steps, args.seed)
-    n, p = proposals.num_proposals, len(organs)
-    each = proposals.probabilities.float()  # [N, P, X, Y, Z]
-    channels = torch.cat([each.mean(0), each.std(0, unbiased=False), each.flatten(0, 1)])
-    restored, affine = loaded.to_input_geometry(channels)
-    restored = torch.from_numpy(restored)
-    mean, std, per_proposal = restored[:p], restored[p : 2 * p], restored[2 * p :].reshape(n, p, *restored.shape[1:])
+    n = proposals.num_proposals
+    restored, affine = loaded.to_input_geometry(proposal_channels(proposals))
+    mean, std, per_proposal = split_proposal_channels(torch.from_numpy(restored), n, len(organs))
     args.out.mkdir(parents=True, exist_ok=True)
     save_nifti(consensus_label_map(mean, organs).numpy(), affine, args.out / "consensus.nii.gz")
     for k in range(n):
@@ -61,7 +55,7 @@ def segment(args: argparse.Namespace) -> dict:
     save_nifti(std.max(dim=0).values.numpy().astype(np.float32), affine, args.out / "uncertainty.nii.gz")
     image = np.asarray(loaded.image[0])
     for i, organ in enumerate(organs):
-        probabilities = each[:, i].numpy()
+        probabilities = proposals.organ_probabilities(i).numpy()
         save_montage(args.out / f"montage_{organ}.png", image, probabilities, probabilities.std(axis=0),
                      title=f"{args.prompt} → {organ}")
     voxel_ml = float(np.prod(loaded.voxel_spacing)) / 1000.0

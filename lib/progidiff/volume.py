@@ -79,6 +79,18 @@ def segment_volume(
     return VolumeProposals(organs, probabilities, seed, steps, time.time() - start)
 
 
+def proposal_channels(proposals: VolumeProposals) -> torch.Tensor:
+    """[mean (P), std (P), each proposal (N·P)] as one [C, X, Y, Z] tensor, so that a single inverse
+    transform maps all of them back to the input's geometry (see `split_proposal_channels`)."""
+    each = proposals.probabilities.float()  # [N, P, X, Y, Z]
+    return torch.cat([each.mean(0), each.std(0, unbiased=False), each.flatten(0, 1)])
+
+
+def split_proposal_channels(values: torch.Tensor, n: int, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `proposal_channels`: (mean [P, ...], std [P, ...], each [N, P, ...])."""
+    return values[:p], values[p : 2 * p], values[2 * p :].reshape(n, p, *values.shape[1:])
+
+
 def consensus_label_map(probability: torch.Tensor, organs: list[str]) -> torch.Tensor:
     """Per-organ probabilities [P, ...] → uint8 map with schema values; a voxel takes its most likely organ ≥ 0.5."""
     best, index = probability.max(dim=0)

@@ -31,7 +31,15 @@ from progidiff.labels import ORGAN_IDS
 from progidiff.modality import resolve_modality
 from progidiff.model import CONFIG_NAME
 from progidiff.pipeline import ProGiDiffPipeline
-from progidiff.volume import VolumeProposals, consensus_label_map, loading_transforms, organ_statistics, segment_volume
+from progidiff.volume import (
+    VolumeProposals,
+    consensus_label_map,
+    loading_transforms,
+    organ_statistics,
+    proposal_channels,
+    segment_volume,
+    split_proposal_channels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +134,7 @@ class ProGiDiffInfer(BasicInferTask):
             raise bad_request(f"a single-channel 3D image is needed; got array shape {tuple(image.shape)}")
         pipeline = self.pipeline()
         proposals = self._proposals(pipeline, data, params)
-        mean = torch.stack([proposals.organ_probabilities(p).mean(0) for p in range(len(params.organs))])
-        std = torch.stack([proposals.organ_probabilities(p).std(0, unbiased=False) for p in range(len(params.organs))])
-        each = proposals.probabilities.float().flatten(0, 1)  # [N·P, X, Y, Z]
-        stacked = torch.cat([mean, std, each])
-        pred = MetaTensor(stacked, affine=image.affine, meta=copy.deepcopy(image.meta))
+        pred = MetaTensor(proposal_channels(proposals), affine=image.affine, meta=copy.deepcopy(image.meta))
         pred.applied_operations = copy.deepcopy(image.applied_operations)
         data["pred"] = pred
         voxel_ml = float(torch.as_tensor(image.pixdim[:3]).prod()) / 1000.0
@@ -149,9 +153,8 @@ class ProGiDiffInfer(BasicInferTask):
         data["progidiff_cached"] = cached is not None
         if cached is not None:
             return cached
-        volume = data[self.input_key][0]
         proposals = segment_volume(
-            pipeline, volume.as_tensor() if hasattr(volume, "as_tensor") else volume, list(params.organs),
+            pipeline, data[self.input_key][0], list(params.organs),
             params.num_proposals, params.steps, params.seed, slice_batch=self.settings.slice_batch,
         )
         if stamp is not None:
@@ -169,7 +172,7 @@ class ProGiDiffInfer(BasicInferTask):
         stacked = data["pred"]
         affine = np.asarray(stacked.affine, dtype=np.float64)
         values = torch.as_tensor(np.asarray(stacked), dtype=torch.float32)
-        mean, std, each = values[:p], values[p : 2 * p], values[2 * p :].reshape(n, p, *values.shape[1:])
+        mean, std, each = split_proposal_channels(values, n, p)
         consensus = consensus_label_map(mean, organs)
         proposals = [consensus_label_map(each[k], organs) for k in range(n)]
         chosen = proposals[params.proposal] if params.proposal is not None else consensus
