@@ -13,13 +13,16 @@ from typing import Any
 
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 import progidiff
+from lib.activelearning.proposal_disagreement import ProposalDisagreement
 from lib.configs.progidiff import ProGiDiff
+from lib.scoring.proposal_uncertainty import ProposalUncertainty
 from progidiff.labels import ORGAN_IDS
 
 logger = logging.getLogger(__name__)
@@ -40,6 +43,9 @@ class ProGiDiffApp(MONAILabelApp):
             version=progidiff.__version__,
             labels=dict(ORGAN_IDS),
         )
+        # Sampling proposals for every unlabelled image is minutes of CPU: score when asked
+        # (POST /scoring/proposal_uncertainty), not after every label, sample and training, unless told to.
+        self._auto_update_scoring = conf.get("auto_update_scoring", "false").lower() in ("1", "true", "yes")
 
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}
@@ -56,4 +62,11 @@ class ProGiDiffApp(MONAILabelApp):
         return trainers
 
     def init_strategies(self) -> dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        return {
+            "proposal_disagreement": ProposalDisagreement(self._infers["progidiff"]),
+            "random": Random(),
+            "first": First(),
+        }
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        return {"proposal_uncertainty": ProposalUncertainty(self._infers["progidiff"])}

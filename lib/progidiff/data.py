@@ -37,14 +37,22 @@ class Volume:
 
 
 def load_volume_pair(
-    image_path: str | Path, label_path: str | Path, label_map: str = "schema", spacing: float | None = None
+    image_path: str | Path,
+    label_path: str | Path,
+    label_map: str | dict[int, str] = "schema",
+    spacing: float | None = None,
 ) -> Volume:
-    """Read image + label through MONAI (RAS, optional in-plane resampling) and map the label by name."""
+    """Read image + label through MONAI (RAS, optional in-plane resampling) and map the label by name.
+
+    `label_map`: "schema", "total", "total_mr", a JSON file, or an id → name dict.
+    """
     steps = loading_transforms(["image", "label"], spacing, label_keys=("label",))
     data = mt.Compose(steps)({"image": str(image_path), "label": str(label_path)})
     image = np.asarray(data["image"][0], dtype=np.float32)
     label = np.asarray(data["label"][0]).astype(np.int64)
-    if label_map != "schema":
+    if isinstance(label_map, dict):
+        label = to_schema(label, label_map)
+    elif label_map != "schema":
         label = to_schema(label, load_class_map(label_map, Path(label_path)))
     pixdim = tuple(float(v) for v in data["image"].pixdim[:3])
     return Volume(image=image, label=label.astype(np.uint8), name=Path(image_path).name, spacing=pixdim)

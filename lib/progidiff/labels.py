@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .prompts import KNOWN_ORGANS
+from .prompts import KNOWN_ORGANS, UnknownPromptError, resolve_organ
 
 # The project's schema: organ name → label value (0 is background).
 ORGAN_IDS: dict[str, int] = {organ: i + 1 for i, organ in enumerate(KNOWN_ORGANS)}
@@ -22,7 +22,12 @@ def schema_organ(source_name: str) -> str | None:
     """A source label name → the schema organ it belongs to, or None when the schema has no such organ."""
     if source_name.startswith("vertebrae"):  # TotalSegmentator's CT map labels each vertebra
         return "vertebrae"
-    return source_name if source_name in ORGAN_IDS else None
+    if source_name in ORGAN_IDS:
+        return source_name
+    try:  # a viewer's segment name: "Liver", "left kidney", "IVC"
+        return resolve_organ(source_name)
+    except UnknownPromptError:
+        return None
 
 
 def find_class_map(start: Path) -> Path | None:
@@ -50,6 +55,20 @@ def load_class_map(label_map: str, label_path: Path | None = None) -> dict[int, 
     if label_map not in data:
         raise KeyError(f"{class_map_file} has no {label_map!r} map; it has: {', '.join(data)}")
     return {int(k): str(v) for k, v in data[label_map].items()}
+
+
+def class_map_from_label_info(info: dict) -> dict[int, str] | None:
+    """The id → name map a viewer saved with a label, or None when the label is already in the schema.
+
+    3D Slicer's MONAI Label module sends `label_info` as [{"name": "liver", "idx": 1}, ...]; the app's own
+    outputs carry `label_names` as {"liver": 1, ...}.
+    """
+    if isinstance(info.get("label_names"), dict):
+        return {int(v): str(k) for k, v in info["label_names"].items()}
+    if isinstance(info.get("label_info"), list):
+        entries = [e for e in info["label_info"] if isinstance(e, dict) and "name" in e and "idx" in e]
+        return {int(e["idx"]): str(e["name"]) for e in entries} or None
+    return None
 
 
 def to_schema(label: np.ndarray, class_map: dict[int, str]) -> np.ndarray:

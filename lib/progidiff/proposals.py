@@ -58,3 +58,15 @@ def summarise(probabilities: torch.Tensor) -> ProposalSummary:
         dice_to_consensus=to_consensus,
         ranking=ranking,
     )
+
+
+def disagreement(probabilities: torch.Tensor) -> float:
+    """How much N proposals [N, P, *S] of P organs disagree: 1 − mean pairwise Dice, averaged over the
+    organs at least one proposal found.  0: they agree (or none found anything); 1: no two overlap.
+    The active-learning score: an image the model is unsure about is worth an annotator's time."""
+    agreements = []
+    for p in range(probabilities.shape[1]):
+        organ = probabilities[:, p].float()
+        if (organ >= 0.5).any():
+            agreements.append(summarise(organ).mean_pairwise_agreement)
+    return 1.0 - sum(agreements) / len(agreements) if agreements else 0.0

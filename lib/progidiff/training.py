@@ -49,6 +49,7 @@ class TrainConfig:
     anatomy_weight: float = 1.0  # weight of the scan encoder's deterministic anatomy loss
     mask_weight: float = 1.0  # weight of the soft Dice of the predicted clean mask (x0-prediction, pixel space)
     low_noise_bias: float = 0.0  # >0 samples timesteps more often near t=0 (sharper final steps)
+    encoder_steps: int = 0  # the first steps train only the scan encoder, as a deterministic segmenter
     val_every: int = 500
     checkpoint_every: int = 200
     val_proposals: int = 2
@@ -280,6 +281,8 @@ class DiffusionTrainer(Trainer):
         self.direct_mask_loss = model.vae is None and self.scheduler.config.prediction_type == "sample"
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        if self.step < self.config.encoder_steps:
+            return self.encoder_loss(batch)
         image = batch["image"].to(self.device)
         x0 = self.model.encode_mask(batch["mask"].to(self.device))
         text = self.prompt_encoder.encode(list(batch["text"])).to(self.device)
@@ -297,6 +300,14 @@ class DiffusionTrainer(Trainer):
             terms["mask"] = soft_dice_loss(predicted, (x0 + 1) / 2)
         weights = {"diffusion": 1.0, "anatomy": self.config.anatomy_weight, "mask": self.config.mask_weight}
         return {"loss": sum(weights[k] * v for k, v in terms.items()), **terms}
+
+    def encoder_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Warm-up: the scan encoder alone learns anatomy (Dice + BCE on every organ), at a deterministic
+        segmenter's cost per step, so that the diffusion stage starts from a strong organ prior."""
+        encoder = self.model.scan_encoder
+        logits = encoder.organ_logits(encoder.features(batch["image"].to(self.device)))
+        anatomy = anatomy_loss(logits, batch["label"].to(self.device))
+        return {"loss": anatomy, "anatomy": anatomy}
 
     def predict(self, images: torch.Tensor, organs: list[str]) -> torch.Tensor:
         pipeline = ProGiDiffPipeline(self.model, self.prompt_encoder, device=self.device, show_progress=False)

@@ -11,6 +11,7 @@ import torch
 from monailabel.interfaces.config import TaskConfig
 
 from lib.infers.progidiff import ProGiDiffInfer
+from lib.trainers.progidiff import ProGiDiffTrain
 from progidiff.labels import ORGAN_IDS
 from progidiff.model import CONFIG_NAME, ProGiDiffConfig, ProGiDiffModel
 from progidiff.pipeline import default_device
@@ -34,6 +35,7 @@ class AppSettings:
     device: str = "auto"
     precision: str = "auto"
     slice_batch: int = 8
+    train_dir: str = ""  # training runs (checkpoints, TensorBoard, train stats); default <repo>/runs/app
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], default_model_path: Path) -> "AppSettings":
@@ -45,6 +47,7 @@ class AppSettings:
                 except ValueError:
                     raise ValueError(f"--conf {key} must be a {type(default).__name__}; got {conf[key]!r}") from None
         settings.model_path = settings.model_path or str(default_model_path)
+        settings.train_dir = settings.train_dir or str(default_model_path.parents[1] / "runs" / "app")
         if settings.scheduler not in SAMPLERS:
             raise ValueError(f"--conf scheduler must be one of {', '.join(SAMPLERS)}; got {settings.scheduler!r}")
         if not 1 <= settings.num_proposals <= settings.max_proposals:
@@ -79,4 +82,4 @@ class ProGiDiff(TaskConfig):
         return {self.name: ProGiDiffInfer(self.path, self.settings, datastore=self.datastore)}
 
     def trainer(self):
-        return None
+        return ProGiDiffTrain(self.path, Path(self.settings.train_dir) / self.name, self.settings)

@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,7 @@ from progidiff.volume import (
 logger = logging.getLogger(__name__)
 
 RESULT_CACHE_SIZE = 4
+PUBLISH_WAIT_TRIES = 100
 
 
 class ProGiDiffInfer(BasicInferTask):
@@ -83,26 +85,46 @@ class ProGiDiffInfer(BasicInferTask):
     def is_valid(self) -> bool:
         return (self.model_dir / CONFIG_NAME).is_file()
 
-    def _model_version(self) -> int:
-        """Changes whenever a new model folder is published (the folder is replaced, not edited)."""
+    def model_version(self) -> int:
+        """Changes whenever a new model folder is published (the folder is replaced, not edited).
+
+        A publish swaps folders with two renames; between them, for microseconds, there is no folder:
+        wait for the new one rather than fail the request.
+        """
+        for _ in range(PUBLISH_WAIT_TRIES):
+            try:
+                return os.stat(self.model_dir / CONFIG_NAME).st_mtime_ns
+            except FileNotFoundError:
+                time.sleep(0.05)
         return os.stat(self.model_dir / CONFIG_NAME).st_mtime_ns
 
     def pipeline(self) -> ProGiDiffPipeline:
         """The loaded pipeline, reloaded when a newer model has been published (no server restart)."""
         with self._lock:
-            version = self._model_version()
+            version = self.model_version()
             if self._pipeline is None or self._pipeline[0] != version:
                 logger.info("loading ProGiDiff model from %s", self.model_dir)
-                pipeline = ProGiDiffPipeline.from_pretrained(
+                self._pipeline = self._load_pipeline()
+                self._results.clear()
+            return self._pipeline[1]
+
+    def _load_pipeline(self) -> tuple[int, ProGiDiffPipeline]:
+        """(version, pipeline); reads again if a publish replaced the folder while it was being read."""
+        failures = 0
+        while True:
+            version = self.model_version()
+            try:
+                return version, ProGiDiffPipeline.from_pretrained(
                     self.model_dir,
                     scheduler=self.settings.scheduler,
                     device=self.settings.torch_device(),
                     precision=self.settings.precision,
                     show_progress=False,
                 )
-                self._pipeline = (version, pipeline)
-                self._results.clear()
-            return self._pipeline[1]
+            except OSError:
+                failures += 1
+                if failures == 3:
+                    raise
 
     def known_organs(self) -> tuple[str, ...]:
         organs = self.pipeline().model.config.organs
@@ -147,7 +169,7 @@ class ProGiDiffInfer(BasicInferTask):
         """Sample, or reuse the proposals of an identical earlier request (e.g. asking for proposal k next)."""
         path = str(data.get("image_path", ""))
         stamp = os.stat(path).st_mtime_ns if path and os.path.exists(path) else None
-        key = (path, stamp, params.organs, params.num_proposals, params.steps, params.seed, self._model_version())
+        key = (path, stamp, params.organs, params.num_proposals, params.steps, params.seed, self.model_version())
         with self._lock:
             cached = self._results.get(key) if stamp is not None else None
         data["progidiff_cached"] = cached is not None

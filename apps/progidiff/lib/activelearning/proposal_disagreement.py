@@ -1,0 +1,40 @@
+"""MONAI Label strategy: offer the unlabelled image whose ProGiDiff proposals disagree the most.
+
+Scores come from `POST /scoring/proposal_uncertainty` (stored in the image info); an unlabelled image
+that has none yet is scored on the fly, with the scoring method's defaults unless the request says
+otherwise (`organs`, `num_proposals`, `steps`, `slice_stride`, `seed`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from lib.scoring.proposal_uncertainty import SCORE_KEY, ScoringParams, score_image
+
+logger = logging.getLogger(__name__)
+
+
+class ProposalDisagreement(Strategy):
+    def __init__(self, infer: Any):
+        super().__init__("Unlabelled image on which the diffusion proposals disagree most")
+        self.infer = infer
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
+        images = datastore.get_unlabeled_images()
+        if not images:
+            return None
+        params = ScoringParams.from_request(request)
+        scores = {}
+        for image_id in images:
+            entry = datastore.get_image_info(image_id).get(SCORE_KEY)
+            if not entry:
+                entry = score_image(self.infer, datastore, image_id, params)
+            scores[image_id] = entry
+        chosen = max(images, key=lambda i: (scores[i]["score"], i))
+        logger.info("proposal_disagreement: %s (score %.4f of %d unlabelled)", chosen, scores[chosen]["score"], len(images))
+        return {"id": chosen, "score": scores[chosen]["score"],
+                "score_from_current_model": scores[chosen].get("model_version") == self.infer.model_version()}

@@ -1,0 +1,84 @@
+"""MONAI Label scoring method: how much ProGiDiff's proposals disagree on each unlabelled image.
+
+`POST /scoring/proposal_uncertainty` samples N proposals of a few organs on every `slice_stride`-th
+slice of each unlabelled image and stores, in the image's datastore info under
+`proposal_uncertainty`, the score `1 − mean pairwise Dice of the proposals, averaged over the organs
+they found` (`progidiff.proposals.disagreement`) with how it was computed.  The
+`proposal_disagreement` strategy then offers the highest-scoring image for annotation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+
+from progidiff.predict import load_volume
+from progidiff.prompts import parse_prompt
+from progidiff.proposals import disagreement
+from progidiff.volume import segment_volume
+
+logger = logging.getLogger(__name__)
+
+SCORE_KEY = "proposal_uncertainty"
+
+
+@dataclass
+class ScoringParams:
+    organs: str = "liver,spleen,kidney_left,kidney_right"
+    num_proposals: int = 3
+    steps: int = 5
+    slice_stride: int = 4
+    seed: int = 0
+
+    @classmethod
+    def from_request(cls, request: dict[str, Any]) -> "ScoringParams":
+        params = cls()
+        for key, default in vars(cls()).items():
+            if key in request:
+                try:
+                    setattr(params, key, type(default)(request[key]))
+                except (TypeError, ValueError):
+                    raise ValueError(f"{key} must be a {type(default).__name__}; got {request[key]!r}") from None
+        if params.num_proposals < 2:
+            raise ValueError("num_proposals must be at least 2: disagreement needs two proposals to compare")
+        if params.steps < 1 or params.slice_stride < 1:
+            raise ValueError("steps and slice_stride must be positive integers")
+        return params
+
+
+def score_image(infer: Any, datastore: Datastore, image_id: str, params: ScoringParams) -> dict[str, Any]:
+    """Sample proposals for one datastore image and store its disagreement score in the image info."""
+    pipeline = infer.pipeline()
+    organs = parse_prompt(params.organs, known=infer.known_organs())
+    volume = load_volume(datastore.get_image_uri(image_id), pipeline.model.config.spacing_mm).image[0]
+    sampled = volume[:, :, :: params.slice_stride].as_tensor()
+    proposals = segment_volume(pipeline, sampled, organs, params.num_proposals, params.steps, params.seed)
+    entry = {
+        "score": round(disagreement(proposals.probabilities), 6),
+        "organs": organs,
+        "num_proposals": params.num_proposals,
+        "steps": params.steps,
+        "slice_stride": params.slice_stride,
+        "model_version": infer.model_version(),
+        "ts": int(time.time()),
+    }
+    datastore.update_image_info(image_id, {SCORE_KEY: entry})
+    logger.info("%s: %s score %.4f (%.1f s)", image_id, SCORE_KEY, entry["score"], proposals.seconds)
+    return entry
+
+
+class ProposalUncertainty(ScoringMethod):
+    def __init__(self, infer: Any):
+        super().__init__("Disagreement of ProGiDiff's proposals (1 − mean pairwise Dice) on unlabelled images")
+        self.infer = infer
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        params = ScoringParams.from_request(request)
+        images = datastore.get_unlabeled_images()
+        logger.info("scoring %d unlabelled images with %s", len(images), params)
+        return {image_id: score_image(self.infer, datastore, image_id, params)["score"] for image_id in images}

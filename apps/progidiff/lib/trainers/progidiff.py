@@ -1,0 +1,201 @@
+"""MONAI Label train task: fine-tune the published ProGiDiff model on the datastore's final labels.
+
+`POST /train/progidiff` runs MONAI Label's flow (request + defaults → datalist of images with a `final`
+label → train/val partition) and then, instead of MONAI's ignite trainer, the project's own loop
+(`progidiff.training.DiffusionTrainer`, the one `python -m progidiff.train` runs), so the app and
+the CLI train the same way.  The base UNet stays frozen; the control branch learns.
+
+An "epoch" is one pass over the training slices in expectation (slices / batch size steps).  After
+each epoch the EMA weights are validated (consensus Dice with the real sampler); the best epoch is
+published over the served model folder atomically, and the infer task picks it up on its next request.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+
+from progidiff.data import SliceDataset, Volume, load_volume_pair, split_slices
+from progidiff.io_utils import atomic_file
+from progidiff.labels import ORGAN_IDS, class_map_from_label_info
+from progidiff.model import ProGiDiffModel
+from progidiff.pipeline import prompt_encoder_for
+from progidiff.training import DiffusionTrainer, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+KEY_METRIC = "val_mean_dice"
+_OWN_LOOP = "ProGiDiffTrain.train runs progidiff.training.DiffusionTrainer, not MONAI's ignite trainer"
+
+
+class ProGiDiffTrain(BasicTrainTask):
+    def __init__(self, publish_path: str | Path, run_dir: str | Path, settings: Any,
+                 description: str = "Fine-tune the ProGiDiff control branch on labelled images (base frozen)"):
+        super().__init__(
+            model_dir=str(run_dir),
+            description=description,
+            config={
+                "max_epochs": 10,
+                "learning_rate": 1e-4,
+                "val_split": 0.2,
+                "train_batch_size": 8,
+                "val_proposals": 2,
+                "val_steps": 5,
+                "multi_gpu": False,  # the ProGiDiff loop trains on one device
+            },
+            publish_path=str(publish_path),
+            labels=dict(ORGAN_IDS),
+        )
+        self.settings = settings
+        for key in ("dataset", "dataloader", "val_batch_size", "early_stop_patience", "gpus"):
+            self._config.pop(key, None)  # MONAI's ignite/DDP options; this loop does not use them
+
+    # BasicTrainTask's hooks for MONAI's ignite trainer.  `train` runs the ProGiDiff loop instead, which
+    # owns its network, optimizer, losses, transforms and sampler (progidiff.training).
+    def network(self, context: Context) -> ProGiDiffModel:
+        model = ProGiDiffModel.from_pretrained(self._publish_path)  # fine-tune what is served now
+        model.unet.requires_grad_(False)  # the base is never trained here, only steered
+        return model
+
+    def optimizer(self, context: Context):
+        raise NotImplementedError(_OWN_LOOP)
+
+    def loss_function(self, context: Context):
+        raise NotImplementedError(_OWN_LOOP)
+
+    def train_pre_transforms(self, context: Context):
+        raise NotImplementedError(_OWN_LOOP)
+
+    def train_post_transforms(self, context: Context):
+        raise NotImplementedError(_OWN_LOOP)
+
+    def val_inferer(self, context: Context):
+        raise NotImplementedError(_OWN_LOOP)
+
+    def pre_process(self, request: dict, datastore: Datastore) -> list[dict]:
+        """Datalist of final labels, each with the id → name map its label was saved with (if any)."""
+        datalist = []
+        for image_id in datastore.get_labeled_images():
+            info = datastore.get_label_info(image_id, "final")
+            datalist.append({
+                "image": datastore.get_image_uri(image_id),
+                "label": datastore.get_label_uri(image_id, "final"),
+                "class_map": class_map_from_label_info(info),
+                "id": image_id,
+            })
+        if not datalist:
+            raise ValueError("no labelled images: save a 'final' label for at least one image before training")
+        return datalist
+
+    def train(self, rank: int, world_size: int, request: dict, datalist: list[dict]) -> dict:
+        context = Context()
+        context.request, context.datalist = request, datalist
+        context.local_rank, context.world_size = rank, world_size
+        context.start_ts = int(time.time())
+        context.run_id = request["run_id"]
+        context.output_dir = str(Path(self._model_dir) / request["name"] / request["run_id"])
+        device = torch.device(request["device"] if torch.cuda.is_available() else "cpu")
+
+        model = self.network(context)
+        spacing = model.config.spacing_mm
+        train_list, val_list = self.partition_datalist(context)
+        train_volumes = [self._load(item, spacing) for item in train_list]
+        val_volumes = [self._load(item, spacing) for item in val_list]
+        if not val_volumes:  # too few images to hold one out: validate on a z-block of each
+            train_volumes, val_volumes = _hold_out_blocks(train_volumes, float(request["val_split"]))
+
+        organs = list(model.config.organs) or list(ORGAN_IDS)
+        train_set = SliceDataset([(train_volumes, 1.0)], model.config.image_size, organs, seed=0)
+        batch = int(request["train_batch_size"])
+        steps_per_epoch = max(1, math.ceil(sum(len(s) for s in train_set.slices) / batch))
+        epochs = int(request["max_epochs"])
+        config = TrainConfig(
+            max_steps=epochs * steps_per_epoch,
+            batch_size=batch,
+            learning_rate=float(request["learning_rate"]),
+            val_every=steps_per_epoch,
+            checkpoint_every=0,
+            val_proposals=int(request["val_proposals"]),
+            val_steps=int(request["val_steps"]),
+            val_organs=",".join(organs),
+        )
+        logger.info("training on %d images (%d slices), validating on %d; %d epochs × %d steps on %s",
+                    len(train_volumes), steps_per_epoch * batch, len(val_volumes), epochs, steps_per_epoch, device)
+        publisher = _EpochPublisher(self, context, steps_per_epoch, epochs)
+        trainer = DiffusionTrainer(model, prompt_encoder_for(model), train_set, val_volumes, config,
+                                   context.output_dir, device=device, on_validation=publisher)
+        publisher.trainer = trainer
+        trainer.fit()
+        return publisher.finish()
+
+    def _load(self, item: dict, spacing: float) -> Volume:
+        return load_volume_pair(item["image"], item["label"], item.get("class_map") or "schema", spacing=spacing)
+
+
+def _hold_out_blocks(volumes: list[Volume], share: float) -> tuple[list[Volume], list[Volume]]:
+    """Keep the top `share` of each volume's z-slices (a block, at least one slice) for validation."""
+    train, val = [], []
+    for volume in volumes:
+        depth = volume.image.shape[2]
+        size = min(depth - 1, max(1, round(depth * share)))
+        kept, held = split_slices(volume, range(depth - size, depth))
+        train.append(kept)
+        val.append(held)
+    return train, val
+
+
+class _EpochPublisher:
+    """After each epoch's validation: write MONAI Label train stats; publish the model when it is the best so far."""
+
+    def __init__(self, task: ProGiDiffTrain, context: Context, steps_per_epoch: int, epochs: int):
+        self.task = task
+        self.context = context
+        self.steps_per_epoch = steps_per_epoch
+        self.epochs = epochs
+        self.trainer: DiffusionTrainer | None = None
+        self.best = -1.0
+        self.best_epoch = 0
+        self.history: list[dict] = []
+
+    def __call__(self, step: int, entry: dict) -> None:
+        epoch = math.ceil(step / self.steps_per_epoch)
+        metrics = {KEY_METRIC: entry["mean_dice"], **{f"val_dice_{o}": v for o, v in entry["dice"].items()}}
+        self.history.append({"epoch": epoch, "step": step, **metrics})
+        if entry["mean_dice"] > self.best:
+            self.best, self.best_epoch = entry["mean_dice"], epoch
+            self.trainer.save_model(self.task._publish_path)
+            logger.info("epoch %d: validation mean Dice %.3f, best so far → published to %s",
+                        epoch, self.best, self.task._publish_path)
+        self._write_stats(epoch, metrics, done=epoch >= self.epochs)
+
+    def finish(self) -> dict:
+        return self.task.stats()
+
+    def _write_stats(self, epoch: int, metrics: dict, done: bool) -> None:
+        """The shape MONAI Label's own trainer writes (shown under `train_stats` in /info)."""
+        elapsed = str(datetime.timedelta(seconds=int(time.time() - self.context.start_ts)))
+        stats = {
+            "name": self.context.request["name"],
+            "run_id": self.context.run_id,
+            "epoch": epoch,
+            "max_epochs": self.epochs,
+            "start_ts": self.context.start_ts,
+            "total_time" if done else "current_time": elapsed,
+            "best_metric": self.best,
+            "eval": {"metrics": metrics, "key_metric_name": KEY_METRIC, "best_metric": self.best,
+                     "best_metric_epoch": self.best_epoch},
+            "history": self.history,
+            "tensorboard": str(Path(self.context.output_dir) / "tensorboard"),
+            "published": self.task._publish_path,
+        }
+        with atomic_file(self.task._stats_path, suffix=".json") as tmp:
+            Path(tmp).write_text(json.dumps(stats, indent=2))
