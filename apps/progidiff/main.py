@@ -11,7 +11,9 @@ import logging
 import os
 from typing import Any
 
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -22,6 +24,7 @@ from monailabel.tasks.activelearning.random import Random
 import progidiff
 from lib.activelearning.proposal_disagreement import ProposalDisagreement
 from lib.configs.progidiff import ProGiDiff
+from lib.datastore import AtomicLocalDatastore
 from lib.scoring.proposal_uncertainty import ProposalUncertainty
 from progidiff.labels import ORGAN_IDS
 
@@ -46,6 +49,16 @@ class ProGiDiffApp(MONAILabelApp):
         # Sampling proposals for every unlabelled image is minutes of CPU: score when asked
         # (POST /scoring/proposal_uncertainty), not after every label, sample and training, unless told to.
         self._auto_update_scoring = conf.get("auto_update_scoring", "false").lower() in ("1", "true", "yes")
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()  # DICOMweb & co: MONAI Label's own
+        return AtomicLocalDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
 
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}
