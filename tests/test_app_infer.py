@@ -31,7 +31,9 @@ def server(tmp_path_factory):
     wake_control_branch(model, scale=0.3)
     model.save_pretrained(work / "model")
     studies = copy_studies(SAMPLE, work / "studies")
-    with Server(studies, {"model_path": str(work / "model"), "num_proposals": "3", "steps": "2"}, work) as running:
+    conf = {"model_path": str(work / "model"), "num_proposals": "3", "steps": "2",
+            "image_roots": str(tmp_path_factory.getbasetemp())}  # where the DICOM test writes its series
+    with Server(studies, conf, work) as running:
         yield running
 
 

@@ -146,6 +146,8 @@ def test_training_killed_mid_run_leaves_the_published_model_serving(server):
         time.sleep(1)
     else:
         pytest.fail(f"training did not reach its first epoch:\n{server.log_tail()}")
+    assert infer_json(server, "phantom_001")["organs"] == ["liver"]  # infer keeps answering while training runs
+    assert requests.get(f"{server.url}/train/", timeout=30).json()["status"] == "RUNNING"
     requests.delete(f"{server.url}/train/", timeout=60)
     assert wait_for_task(server, "train")["status"] != "RUNNING"
 

@@ -25,7 +25,7 @@ def label_file(tmp_path, value: int):
 
 def test_interrupted_label_save_keeps_the_previous_label(tmp_path, monkeypatch):
     studies = copy_studies(SAMPLE, tmp_path / "studies")
-    store = app_datastore.AtomicLocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
+    store = app_datastore.SafeLocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
     store.save_label("phantom_002", str(label_file(tmp_path, 1)), "final", {"by": "first"})
     stored = store.get_label_uri("phantom_002", "final")
     before = stored and open(stored, "rb").read()

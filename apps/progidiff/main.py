@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -24,7 +25,8 @@ from monailabel.tasks.activelearning.random import Random
 import progidiff
 from lib.activelearning.proposal_disagreement import ProposalDisagreement
 from lib.configs.progidiff import ProGiDiff
-from lib.datastore import AtomicLocalDatastore
+from lib.datastore import SafeLocalDatastore
+from lib.infers.params import check_image_reference
 from lib.scoring.proposal_uncertainty import ProposalUncertainty
 from progidiff.labels import ORGAN_IDS
 
@@ -49,11 +51,23 @@ class ProGiDiffApp(MONAILabelApp):
         # Sampling proposals for every unlabelled image is minutes of CPU: score when asked
         # (POST /scoring/proposal_uncertainty), not after every label, sample and training, unless told to.
         self._auto_update_scoring = conf.get("auto_update_scoring", "false").lower() in ("1", "true", "yes")
+        # Folders from which a request may name an image by absolute path (e.g. DICOM series folders).
+        roots = [r for r in conf.get("image_roots", "").split(",") if r.strip()]
+        if not self.studies.startswith(("http://", "https://")):
+            roots.append(self.studies)
+        self.image_roots = [os.path.realpath(r.strip()) for r in roots]
+
+    def infer(self, request: dict, datastore: Datastore | None = None) -> dict:
+        """Refuse unknown ids and paths outside the allowed folders before MONAI Label resolves them."""
+        store = datastore or self.datastore()
+        ids = store.list_images() if isinstance(store, LocalDatastore) else None
+        check_image_reference(request.get("image"), ids, self.image_roots)
+        return super().infer(request, datastore)
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()  # DICOMweb & co: MONAI Label's own
-        return AtomicLocalDatastore(
+        return SafeLocalDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,

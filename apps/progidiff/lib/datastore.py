@@ -1,10 +1,13 @@
-"""The app's local datastore: MONAI Label's `LocalDatastore` with label and index writes that are atomic.
+"""The app's local datastore: MONAI Label's `LocalDatastore`, checked and atomic.
 
-`LocalDatastore.save_label` copies the uploaded file straight over the stored label, and the index
-(`datastore_v2.json`) is rewritten in place, so a crash or a full disk mid-write leaves a truncated
-label where the annotator's work was, or an index the server cannot read.  Here each file is written
-beside its destination first and renamed over it in one step: readers and a restarted server see the
-old version or the new one, never half of one.
+- Checked: an uploaded image must be a readable 3D image, a label a readable image of its image's
+  shape, and ids and tags plain names (no `/`, no `..`); anything else gets HTTP 400 saying what is
+  accepted, before anything is written.  (A tag of "../../x" would otherwise write outside the studies.)
+- Atomic: `LocalDatastore` copies uploads straight over stored files and rewrites its index
+  (`datastore_v2.json`) in place, so a crash or a full disk mid-write leaves a truncated label where
+  the annotator's work was, or an index the server cannot read.  Here each file is written beside its
+  destination and renamed over it in one step: readers and a restarted server see the old version or
+  the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -12,36 +15,100 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from typing import Any
 
+from fastapi import HTTPException
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, LocalDatastore
-from monailabel.interfaces.exception import ImageNotFoundException
+from monai.transforms import LoadImage
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
 from progidiff.io_utils import atomic_file
 
 logger = logging.getLogger(__name__)
 
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ACCEPTED_FILES = "NIfTI (.nii, .nii.gz) or NRRD (.nrrd) holding one 3D volume"
 
-class AtomicLocalDatastore(LocalDatastore):
+
+def check_name(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not SAFE_NAME.match(value) or ".." in value:
+        raise HTTPException(400, f"{kind} {value!r} is not accepted: use 1-128 letters, digits, '.', '_' or '-', "
+                                 "starting with a letter or digit, without '..'")
+    return value
+
+
+def spatial_shape(path: str, kind: str) -> tuple[int, ...]:
+    """Read the whole file with MONAI (a truncated file fails here, not in a later request)."""
+    try:
+        image = LoadImage(image_only=True)(path)
+    except Exception as error:  # noqa: BLE001 - any reader failure means the upload is not a usable image
+        raise HTTPException(400, f"the {kind} is not a readable image ({type(error).__name__}); "
+                                 f"accepted: {ACCEPTED_FILES}") from None
+    shape = tuple(int(s) for s in image.shape)
+    shape = shape[:3] if len(shape) == 4 and shape[3] == 1 else shape
+    if len(shape) != 3 or min(shape) < 2:
+        raise HTTPException(400, f"the {kind} has shape {shape}; accepted: {ACCEPTED_FILES}")
+    return shape
+
+
+class SafeLocalDatastore(LocalDatastore):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if getattr(self, "_handler", None) is not None:
+            # A rename is a "moved" event, which LocalDatastore's folder watcher does not handle: without
+            # this, an index written by another process (a scoring or train task) would never be reloaded.
+            self._handler.on_moved = self._on_moved_event
+
+    def _on_moved_event(self, event) -> None:
+        if event.dest_path != self._datastore_config_path:
+            self._on_any_event(event)  # an image or label renamed into place: reconcile with the folder
+        elif self._ignore_event_config:
+            self._ignore_event_config = False  # our own write
+        else:
+            self._init_from_datastore_file()
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        derived_id, image_ext = self._to_id(os.path.basename(image_filename))
+        image_id = check_name("image id", image_id or derived_id)
+        spatial_shape(image_filename, "image")
+        name = self._filename(image_id, image_ext)
+        with FileLock(self._lock_file):
+            self._copy_atomically(image_filename, os.path.join(self._datastore.image_path(), name))
+            info = {**(image_info or {}), "ts": int(time.time()), "name": name}
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
+            self._update_datastore_file(lock=False)
+        logger.info("added image %s", image_id)
+        return image_id
+
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        check_name("image id", image_id)
+        check_name("label tag", label_tag)
         obj = self._datastore.objects.get(image_id)
         if not obj:
-            raise ImageNotFoundException(f"Image {image_id} not found")
+            raise HTTPException(404, f"no image {image_id!r} in the datastore; GET /datastore/?output=all lists them")
+        label_shape = spatial_shape(label_filename, "label")
+        image_shape = spatial_shape(self.get_image_uri(image_id), "stored image")
+        if label_shape != image_shape:
+            raise HTTPException(400, f"the label has shape {label_shape} but image {image_id!r} has {image_shape}; "
+                                     "a label must have its image's shape")
         _, label_ext = self._to_id(os.path.basename(label_filename))
         name = self._filename(image_id, label_ext)
-        dest = os.path.join(self._datastore.label_path(label_tag), name)
         with FileLock(self._lock_file):
-            # ".part" is no datastore extension, so the folder watcher never takes the copy for a label.
-            with atomic_file(dest, suffix=".part") as tmp:
-                shutil.copyfile(label_filename, tmp)
-            label_info = {**(label_info or {}), "ts": int(time.time()), "name": name}
-            obj.labels[label_tag] = DataModel(info=label_info, ext=label_ext)
+            self._copy_atomically(label_filename, os.path.join(self._datastore.label_path(label_tag), name))
+            info = {**(label_info or {}), "ts": int(time.time()), "name": name}
+            obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
             self._update_datastore_file(lock=False)
-        logger.info("saved label %s => %s (%s)", image_id, label_tag, dest)
+        logger.info("saved label %s => %s", image_id, label_tag)
         return image_id
+
+    @staticmethod
+    def _copy_atomically(source: str, dest: str) -> None:
+        # ".part" is no datastore extension, so the folder watcher never takes the copy for a study.
+        with atomic_file(dest, suffix=".part") as tmp:
+            shutil.copyfile(source, tmp)
 
     def _update_datastore_file(self, lock: bool = True) -> None:
         if lock:

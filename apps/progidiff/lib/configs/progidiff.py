@@ -35,6 +35,7 @@ class AppSettings:
     device: str = "auto"
     precision: str = "auto"
     slice_batch: int = 8
+    max_memory_gb: float = 8.0  # requests whose outputs need more are refused with a message
     train_dir: str = ""  # training runs (checkpoints, TensorBoard, train stats); default <repo>/runs/app
 
     @classmethod

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import HTTPException
 
+from lib.datastore import SAFE_NAME
 from progidiff.prompts import UnknownPromptError, parse_prompt
 
 MAX_PROMPT_CHARS = 500
@@ -76,3 +78,30 @@ def parse_params(
         proposal=proposal,
         modality=matched[0],
     )
+
+
+def check_image_reference(image: Any, image_ids: list[str] | None, roots: list[str]) -> None:
+    """The `image` of a request: a datastore id, or a file/DICOM folder under one of the allowed roots.
+
+    `image_ids`: the local datastore's ids; None for a remote datastore (DICOMweb), which resolves ids itself.
+    Anything else is refused before MONAI Label resolves it, so a request can neither probe nor read
+    files elsewhere on the server (`../../etc/passwd`, `/etc/passwd`, encoded variants alike).
+    """
+    if not isinstance(image, str) or not image:
+        raise bad_request("'image' must be a datastore image id (GET /datastore/?output=all lists them)")
+    if image_ids is not None and image in image_ids:
+        return
+    if os.path.isabs(image):
+        path = os.path.realpath(image)
+        if any(os.path.commonpath([path, root]) == root for root in roots) and os.path.exists(path):
+            return
+        raise HTTPException(status_code=403, detail=(
+            f"image path {image!r} is not accepted: paths must name an existing NIfTI/NRRD file or DICOM series "
+            f"folder under {', '.join(roots) or '(no folder: set --conf image_roots)'}"))
+    if not SAFE_NAME.match(image) or ".." in image:
+        raise bad_request(f"image {image!r} is not a valid image id: ids are plain names (letters, digits, '.', "
+                          "'_', '-'); absolute paths are accepted under --conf image_roots")
+    if image_ids is None:
+        return
+    raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore; "
+                                                "GET /datastore/?output=all lists the ids")

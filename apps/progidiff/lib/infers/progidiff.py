@@ -143,6 +143,15 @@ class ProGiDiffInfer(BasicInferTask):
         spacing = self.pipeline().model.config.spacing_mm
         return loading_transforms(self.input_key, spacing)
 
+    def run_pre_transforms(self, data: dict[str, Any], transforms):
+        try:
+            return super().run_pre_transforms(data, transforms)
+        except Exception as error:  # noqa: BLE001 - whatever the reader says, the file is not a usable image
+            raise bad_request(
+                f"could not read the image ({type(error).__name__}: {str(error)[:200]}); accepted: a NIfTI (.nii, "
+                ".nii.gz) or NRRD file holding one 3D volume, or a folder holding one DICOM series"
+            ) from None
+
     def inverse_transforms(self, data=None):
         return []  # undo every invertible pre-transform (spacing, orientation) on the prediction
 
@@ -154,6 +163,7 @@ class ProGiDiffInfer(BasicInferTask):
         image = data[self.input_key]
         if image.ndim != 4 or image.shape[0] != 1 or min(image.shape[1:]) < 2:
             raise bad_request(f"a single-channel 3D image is needed; got array shape {tuple(image.shape)}")
+        self._check_memory(image, params)
         pipeline = self.pipeline()
         proposals = self._proposals(pipeline, data, params)
         pred = MetaTensor(proposal_channels(proposals), affine=image.affine, meta=copy.deepcopy(image.meta))
@@ -164,6 +174,24 @@ class ProGiDiffInfer(BasicInferTask):
         data["progidiff_seconds"] = proposals.seconds
         data["progidiff_modality"] = resolve_modality(params.modality, data.get("image_path", ""), image[0].numpy())
         return data
+
+    def _check_memory(self, image: MetaTensor, params: InferParams) -> None:
+        """Refuse, before sampling, a request whose outputs would not fit in `max_memory_gb`.
+
+        What it holds at once: the proposals in the model's frame (float16, N × P) and the channel stack
+        [mean, std, each proposal] (float32, 2P + N·P) in the model's frame and again in the input's.
+        """
+        n, p = params.num_proposals, len(params.organs)
+        model_voxels = int(np.prod(image.shape[1:]))
+        input_voxels = int(np.prod(image.meta.get("spatial_shape", image.shape[1:])))
+        needed = n * p * model_voxels * 2 + (2 * p + n * p) * (model_voxels + input_voxels) * 4
+        limit = self.settings.max_memory_gb * 2**30
+        if needed > limit:
+            raise bad_request(
+                f"this request needs about {needed / 2**30:.1f} GiB ({n} proposals × {p} organs on an image of "
+                f"{input_voxels / 1e6:.0f} M voxels) and the server's limit is max_memory_gb={self.settings.max_memory_gb:g}; "
+                "ask for fewer organs or proposals, or crop the image"
+            )
 
     def _proposals(self, pipeline: ProGiDiffPipeline, data: dict, params: InferParams) -> VolumeProposals:
         """Sample, or reuse the proposals of an identical earlier request (e.g. asking for proposal k next)."""

@@ -1,0 +1,158 @@
+"""Bad input over real HTTP gets a 4xx that says what is wrong, the server stays up, the datastore is unchanged;
+concurrent requests give the same answers as sequential ones."""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+import torch
+
+from conftest import tiny_config, wake_control_branch
+from progidiff.model import ProGiDiffModel
+from server import ROOT, Server, copy_studies
+
+SAMPLE = ROOT / "sample-datasets" / "ct"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("robust")
+    torch.manual_seed(0)
+    model = ProGiDiffModel.from_config(tiny_config())
+    wake_control_branch(model, scale=0.3)
+    model.save_pretrained(work / "model")
+    studies = copy_studies(SAMPLE, work / "studies")
+    good = (studies / "phantom_000.nii.gz").read_bytes()
+    (studies / "truncated.nii.gz").write_bytes(good[: len(good) // 3])
+    nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), studies / "flat2d.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 8, 3), np.int16), np.eye(4)), studies / "four_d.nii.gz")
+    # 300 × 300 × 200 at 1 mm: fine for one organ, far above the limit below for all organs × 10 proposals.
+    nib.save(nib.Nifti1Image(np.full((300, 300, 200), -1000, np.int16), np.eye(4)), studies / "large.nii.gz")
+    conf = {"model_path": str(work / "model"), "num_proposals": "2", "steps": "1", "max_memory_gb": "2"}
+    with Server(studies, conf, work) as running:
+        yield running
+
+
+def infer(server: Server, image: str, params: dict | None = None) -> requests.Response:
+    return requests.post(f"{server.url}/infer/progidiff", params={"image": image, "output": "json"},
+                         files={"params": (None, json.dumps(params or {"prompt": "liver"}))}, timeout=600)
+
+
+def datastore_state(server: Server) -> dict:
+    return requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()
+
+
+@pytest.mark.parametrize(
+    "image, status, fragment",
+    [
+        ("no_such_image", 404, "no image 'no_such_image'"),
+        ("../../etc/passwd", 400, "not a valid image id"),
+        ("..%2F..%2Fetc%2Fpasswd", 400, "not a valid image id"),
+        ("%2e%2e/%2e%2e/etc/passwd", 400, "not a valid image id"),
+        ("/etc/passwd", 403, "not accepted"),
+        ("/tmp", 403, "not accepted"),
+        ("truncated", 400, "could not read the image"),
+        ("flat2d", 400, "3D image"),
+        ("four_d", 400, "single-channel 3D image"),
+    ],
+)
+def test_bad_images_get_a_clear_4xx(server, image, status, fragment):
+    before = datastore_state(server)
+    response = infer(server, image)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["detail"]
+    assert datastore_state(server) == before
+
+
+@pytest.mark.parametrize(
+    "params, fragment",
+    [
+        ({"prompt": "liver" * 200}, "at most 500 characters"),
+        ({"prompt": "liver\x00; rm -rf /"}, "plain text"),
+        ({"prompt": "   "}, "Known organs"),
+        ({"prompt": "liver", "num_proposals": -1}, "num_proposals"),
+        ({"prompt": "liver", "num_proposals": "five"}, "num_proposals"),
+        ({"prompt": "liver", "num_proposals": 2.5}, "num_proposals"),
+        ({"prompt": "liver", "steps": 0}, "steps"),
+        ({"prompt": "liver", "steps": 10**9}, "steps"),
+        ({"prompt": "liver", "seed": -1}, "seed"),
+        ({"prompt": "liver", "seed": [1]}, "seed"),
+        ({"prompt": "liver", "proposal": 7}, "proposal"),
+    ],
+)
+def test_bad_parameters_get_400(server, params, fragment):
+    response = infer(server, "phantom_000", params)
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["detail"]
+
+
+def test_an_image_too_large_for_the_memory_limit_is_refused_with_the_reason(server):
+    response = infer(server, "large", {"prompt": "all organs", "num_proposals": 10})
+    assert response.status_code == 400, response.text
+    assert "max_memory_gb=2" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "query, upload, fragment",
+    [
+        ({"image": "not_an_image"}, ("not_an_image.nii.gz", b"hello, this is text"), "not a readable image"),
+        ({"image": "../../escape"}, ("escape.nii.gz", None), "is not accepted"),
+    ],
+)
+def test_bad_uploads_are_refused_and_nothing_is_stored(server, query, upload, fragment):
+    before = datastore_state(server)
+    content = upload[1] if upload[1] is not None else (SAMPLE / "phantom_000.nii.gz").read_bytes()
+    response = requests.put(f"{server.url}/datastore/", params=query,
+                            files={"file": (upload[0], io.BytesIO(content))}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["detail"]
+    assert datastore_state(server) == before
+
+
+@pytest.mark.parametrize(
+    "query, content, fragment",
+    [
+        ({"image": "phantom_002", "tag": "final"}, b"\x1f\x8b junk", "not a readable image"),
+        ({"image": "phantom_002", "tag": "../../evil"}, None, "label tag"),
+        ({"image": "phantom_002", "tag": "final"}, "wrong_shape", "must have its image's shape"),
+        ({"image": "nobody", "tag": "final"}, None, "no image 'nobody'"),
+    ],
+)
+def test_bad_labels_are_refused_and_nothing_is_stored(server, tmp_path, query, content, fragment):
+    before = datastore_state(server)
+    if content is None:
+        content = (SAMPLE / "labels" / "final" / "phantom_000.nii.gz").read_bytes()
+    elif content == "wrong_shape":
+        content = nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), np.eye(4)).to_bytes()
+    response = requests.put(f"{server.url}/datastore/label", params=query,
+                            files={"label": ("label.nii.gz" if content[:2] == b"\x1f\x8b" else "label.nii",
+                                             io.BytesIO(content))}, timeout=60)
+    assert response.status_code in (400, 404), response.text
+    assert fragment in response.json()["detail"]
+    assert datastore_state(server) == before
+    assert not list((server.studies.parent).glob("evil*"))
+
+
+def test_eight_concurrent_requests_match_sequential_answers(server):
+    images = ["phantom_000", "phantom_001", "phantom_002"]
+    prompts = ["liver", "spleen", "left kidney", "aorta", "liver, spleen", "right kidney"]
+    # 12 distinct requests; the result cache keeps the last 4, so the first 8 are sampled again concurrently.
+    asked = [(images[i % 3], {"prompt": prompts[i % 6], "seed": i}) for i in range(12)]
+
+    def ask(item):
+        response = infer(server, *item)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    sequential = [ask(item)["organ_stats"] for item in asked]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        concurrent = list(pool.map(ask, asked[:8]))
+    assert not any(result["cached"] for result in concurrent)
+    assert [result["organ_stats"] for result in concurrent] == sequential[:8]
+    assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
