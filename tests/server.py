@@ -25,8 +25,10 @@ def free_port() -> int:
 class Server:
     """A running server over a studies folder; `url` is its base address. Use as a context manager."""
 
-    def __init__(self, studies: Path, conf: dict[str, str], workdir: Path, startup_timeout: float = 240):
+    def __init__(self, studies: Path, conf: dict[str, str], workdir: Path, startup_timeout: float = 240,
+                 env: dict[str, str] | None = None):
         self.studies = studies
+        self.extra_env = env or {}
         self.conf = conf
         self.workdir = workdir
         self.port = free_port()
@@ -42,7 +44,7 @@ class Server:
             args += ["--conf", key, value]
         env = {**os.environ, "MONAI_LABEL_SESSION_PATH": str(self.workdir / "sessions"),
                "MONAI_LABEL_TRACKING_ENABLED": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **self.extra_env}
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
         deadline = time.time() + self.startup_timeout
@@ -50,7 +52,7 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
-                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
+                if requests.get(f"{self.url}/info/", timeout=5).status_code in (200, 401):  # 401: auth is on
                     return self
             except requests.ConnectionError:
                 pass
