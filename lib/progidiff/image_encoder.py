@@ -110,6 +110,7 @@ class ScanEncoder(nn.Module):
             layers.extend(ResidualBlock(width) for _ in range(blocks_per_stage))
         layers.append(nn.SiLU())
         self.body = nn.Sequential(*layers)
+        self.feature_channels = width
         self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
         # One logit per organ: a deterministic "anatomy" read-out of the same features, trained with
         # Dice + BCE on every organ of the slice. Zero-initialised too, so an untrained branch stays silent.
@@ -135,4 +136,4 @@ class ScanEncoder(nn.Module):
         Accepts the scan [B, 1, H, W] or, so that a caller computes them once, `features(scan)`.
         """
         x = image_or_features
-        return self.conv_out(x if x.shape[1] == self.conv_out.in_channels else self.features(x))
+        return self.conv_out(x if x.shape[1] == self.feature_channels else self.features(x))

@@ -1,0 +1,65 @@
+"""LoRA adapters: small, saved alone, change the outputs when active, and leave the bare model exact when not."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import tiny_config, wake_control_branch
+from progidiff import lora
+from progidiff.geometry import to_square
+from progidiff.model import CONTROL_WEIGHTS, ProGiDiffModel
+from progidiff.phantoms import make_phantom
+
+
+def mr_batch(model: ProGiDiffModel) -> tuple:
+    """Two MR-phantom slices, noisy masks at two timesteps, and prompt tokens: one model input."""
+    phantom = make_phantom(0)
+    slices = torch.from_numpy(phantom.mr[:, :, [15, 25]].astype("float32")).permute(2, 0, 1)[:, None]
+    image = to_square(slices, model.config.image_size)
+    size = model.config.compact_mask_size
+    generator = torch.Generator().manual_seed(0)
+    noisy = torch.randn(2, 1, size, size, generator=generator)
+    text = torch.randn(2, model.config.text_max_length, model.config.cross_attention_dim, generator=generator)
+    return noisy, torch.tensor([20, 600]), text, image, torch.tensor([0, 0])
+
+
+def test_adapter_is_small_saved_alone_and_switchable(tmp_path):
+    torch.manual_seed(0)
+    model = ProGiDiffModel.from_config(tiny_config(organs=["liver"]))
+    wake_control_branch(model, scale=0.3)
+    model.save_pretrained(tmp_path / "model")
+    model.eval()
+    inputs = mr_batch(model)
+    with torch.no_grad():
+        bare = model(*inputs)
+
+    trainable = lora.add_adapter(model, "mr", lora.LoraSettings(rank=4))
+    total = sum(p.numel() for p in model.parameters())
+    assert 0 < trainable < 0.05 * total
+    assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(model(*inputs), bare)  # a fresh adapter starts as a no-op (B = 0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+        adapted = model(*inputs)
+    assert not torch.allclose(adapted, bare)
+
+    lora.save_adapter(model, "mr", tmp_path / "adapters" / "mr", lora.LoraSettings(rank=4))
+    adapter_bytes = sum(f.stat().st_size for f in (tmp_path / "adapters" / "mr").iterdir())
+    model_bytes = (tmp_path / "model" / "controlnet" / CONTROL_WEIGHTS).stat().st_size
+    assert adapter_bytes < 0.1 * model_bytes
+
+    lora.activate(model, None)
+    with torch.no_grad():
+        assert torch.equal(model(*inputs), bare)  # disabled: exactly the CT model
+
+    fresh = ProGiDiffModel.from_pretrained(tmp_path / "model").eval()
+    lora.load_adapter(fresh, tmp_path / "adapters" / "mr", "mr")
+    assert lora.adapter_names(fresh) == ["mr"] and lora.active_adapter(fresh) is None
+    with torch.no_grad():
+        assert torch.equal(fresh(*inputs), bare)
+        lora.activate(fresh, "mr")
+        assert torch.allclose(fresh(*inputs), adapted, atol=1e-5)
+        lora.activate(fresh, None)
+        assert torch.equal(fresh(*inputs), bare)
