@@ -82,10 +82,8 @@ class ProGiDiffApp(MONAILabelApp):
 
     def init_trainers(self) -> dict[str, TrainTask]:
         trainers: dict[str, TrainTask] = {}
-        for name, config in self.models.items():
-            trainer = config.trainer()
-            if trainer is not None:
-                trainers[name] = trainer
+        for config in self.models.values():
+            trainers.update(config.trainer())
         return trainers
 
     def init_strategies(self) -> dict[str, Strategy]:

@@ -12,9 +12,11 @@ prior that the proposals vary around.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -182,10 +184,8 @@ class Trainer:
         """Consensus and best-proposal Dice per organ on held-out slices, with the EMA weights."""
         if not self.val_volumes:
             return {}
-        self.ema.store(self.params)
-        self.ema.copy_to(self.params)
-        self.model.eval()
-        try:
+        with self.ema_weights():
+            self.model.eval()
             scores: dict[str, list[float]] = {}
             best: dict[str, list[float]] = {}
             organs = [o for o in self.config.val_organs.split(",") if o in self.train_set.organs]
@@ -209,8 +209,6 @@ class Trainer:
             }
             result["mean_dice"] = sum(result["dice"].values()) / max(len(result["dice"]), 1)
             return result
-        finally:
-            self.ema.restore(self.params)
 
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -261,14 +259,20 @@ class Trainer:
             self.on_validation(self.step, entry)
         return entry
 
-    def save_model(self, directory: str | Path) -> None:
-        """Publish the EMA weights as a model folder (atomically)."""
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """The EMA weights in the model for the duration (to save or score them), the live ones after."""
         self.ema.store(self.params)
         self.ema.copy_to(self.params)
         try:
-            self.model.save_pretrained(directory)
+            yield
         finally:
             self.ema.restore(self.params)
+
+    def save_model(self, directory: str | Path) -> None:
+        """Publish the EMA weights as a model folder (atomically)."""
+        with self.ema_weights():
+            self.model.save_pretrained(directory)
 
 
 class DiffusionTrainer(Trainer):

@@ -12,6 +12,7 @@ from monailabel.interfaces.config import TaskConfig
 
 from lib.infers.progidiff import ProGiDiffInfer
 from lib.trainers.progidiff import ProGiDiffTrain
+from lib.trainers.progidiff_lora import ProGiDiffLoraTrain
 from progidiff.labels import ORGAN_IDS
 from progidiff.model import CONFIG_NAME, ProGiDiffConfig, ProGiDiffModel
 from progidiff.pipeline import default_device
@@ -36,6 +37,7 @@ class AppSettings:
     precision: str = "auto"
     slice_batch: int = 8
     max_memory_gb: float = 8.0  # requests whose outputs need more are refused with a message
+    adapters_path: str = ""  # LoRA adapters, one folder per modality; default <model_path>/../adapters
     train_dir: str = ""  # training runs (checkpoints, TensorBoard, train stats); default <repo>/runs/app
 
     @classmethod
@@ -48,6 +50,7 @@ class AppSettings:
                 except ValueError:
                     raise ValueError(f"--conf {key} must be a {type(default).__name__}; got {conf[key]!r}") from None
         settings.model_path = settings.model_path or str(default_model_path)
+        settings.adapters_path = settings.adapters_path or str(Path(settings.model_path).parent / "adapters")
         settings.train_dir = settings.train_dir or str(default_model_path.parents[1] / "runs" / "app")
         if settings.scheduler not in SAMPLERS:
             raise ValueError(f"--conf scheduler must be one of {', '.join(SAMPLERS)}; got {settings.scheduler!r}")
@@ -83,4 +86,10 @@ class ProGiDiff(TaskConfig):
         return {self.name: ProGiDiffInfer(self.path, self.settings, datastore=self.datastore)}
 
     def trainer(self):
-        return ProGiDiffTrain(self.path, Path(self.settings.train_dir) / self.name, self.settings)
+        """Two train tasks: fine-tune the served model, and a LoRA adapter for MR."""
+        runs = Path(self.settings.train_dir)
+        lora_name = f"{self.name}_mr_lora"
+        return {
+            self.name: ProGiDiffTrain(self.path, runs / self.name, self.settings),
+            lora_name: ProGiDiffLoraTrain(self.path, self.settings.adapters_path, runs / lora_name, self.settings, "MR"),
+        }

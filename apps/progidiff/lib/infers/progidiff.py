@@ -8,6 +8,7 @@ the probability and the uncertainty stored in the datastore) → MONAI Label's w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -30,8 +31,9 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from lib.infers.params import InferParams, bad_request, parse_params
 from progidiff.labels import ORGAN_IDS
 from progidiff.modality import resolve_modality
-from progidiff.model import CONFIG_NAME
-from progidiff.pipeline import ProGiDiffPipeline
+from progidiff import lora
+from progidiff.model import CONFIG_NAME, ProGiDiffModel
+from progidiff.pipeline import ProGiDiffPipeline, prompt_encoder_for
 from progidiff.volume import (
     VolumeProposals,
     consensus_label_map,
@@ -77,26 +79,35 @@ class ProGiDiffInfer(BasicInferTask):
         self.model_dir = Path(model_dir)
         self.settings = settings
         self.datastore = datastore
+        self.adapters_dir = Path(settings.adapters_path)
         self._lock = threading.Lock()
-        self._pipeline: tuple[int, ProGiDiffPipeline] | None = None
+        self._sampling_lock = threading.Lock()
+        self._pipeline: tuple[str, ProGiDiffPipeline] | None = None
         self._results: OrderedDict[tuple, VolumeProposals] = OrderedDict()
 
     # ---- model ---------------------------------------------------------------------------------
     def is_valid(self) -> bool:
         return (self.model_dir / CONFIG_NAME).is_file()
 
-    def model_version(self) -> int:
-        """Changes whenever a new model folder is published (the folder is replaced, not edited).
+    def model_version(self) -> str:
+        """Changes whenever a new model folder or adapter is published (folders are replaced, not edited).
 
         A publish swaps folders with two renames; between them, for microseconds, there is no folder:
         wait for the new one rather than fail the request.
         """
         for _ in range(PUBLISH_WAIT_TRIES):
             try:
-                return os.stat(self.model_dir / CONFIG_NAME).st_mtime_ns
+                model = os.stat(self.model_dir / CONFIG_NAME).st_mtime_ns
+                break
             except FileNotFoundError:
                 time.sleep(0.05)
-        return os.stat(self.model_dir / CONFIG_NAME).st_mtime_ns
+        else:
+            model = os.stat(self.model_dir / CONFIG_NAME).st_mtime_ns
+        adapters = []
+        for config in sorted(self.adapters_dir.glob(f"*/{lora.ADAPTER_CONFIG}")):
+            with contextlib.suppress(FileNotFoundError):  # being replaced right now: the next request sees it
+                adapters.append(f"{config.parent.name}:{config.stat().st_mtime_ns}")
+        return ";".join([f"model:{model}", *adapters])
 
     def pipeline(self) -> ProGiDiffPipeline:
         """The loaded pipeline, reloaded when a newer model has been published (no server restart)."""
@@ -108,14 +119,20 @@ class ProGiDiffInfer(BasicInferTask):
                 self._results.clear()
             return self._pipeline[1]
 
-    def _load_pipeline(self) -> tuple[int, ProGiDiffPipeline]:
-        """(version, pipeline); reads again if a publish replaced the folder while it was being read."""
+    def _load_pipeline(self) -> tuple[str, ProGiDiffPipeline]:
+        """(version, pipeline) with every published adapter loaded beside the model (inactive until asked for);
+        reads again if a publish replaced a folder while it was being read."""
         failures = 0
         while True:
             version = self.model_version()
             try:
-                return version, ProGiDiffPipeline.from_pretrained(
-                    self.model_dir,
+                model = ProGiDiffModel.from_pretrained(self.model_dir)
+                for config in sorted(self.adapters_dir.glob(f"*/{lora.ADAPTER_CONFIG}")):
+                    lora.load_adapter(model, config.parent, config.parent.name)
+                    logger.info("loaded the %s adapter from %s", config.parent.name, config.parent)
+                return version, ProGiDiffPipeline(
+                    model,
+                    prompt_encoder_for(model, self.model_dir),
                     scheduler=self.settings.scheduler,
                     device=self.settings.torch_device(),
                     precision=self.settings.precision,
@@ -164,15 +181,17 @@ class ProGiDiffInfer(BasicInferTask):
         if image.ndim != 4 or image.shape[0] != 1 or min(image.shape[1:]) < 2:
             raise bad_request(f"a single-channel 3D image is needed; got array shape {tuple(image.shape)}")
         self._check_memory(image, params)
-        pipeline = self.pipeline()
-        proposals = self._proposals(pipeline, data, params)
+        modality = resolve_modality(params.modality, data.get("image_path", ""), image[0].numpy())
+        adapter = modality[0].lower() if modality[0].lower() in lora.adapter_names(self.pipeline().model) else None
+        proposals = self._proposals(data, params, adapter)
         pred = MetaTensor(proposal_channels(proposals), affine=image.affine, meta=copy.deepcopy(image.meta))
         pred.applied_operations = copy.deepcopy(image.applied_operations)
         data["pred"] = pred
         voxel_ml = float(torch.as_tensor(image.pixdim[:3]).prod()) / 1000.0
         data["progidiff_stats"] = organ_statistics(proposals, voxel_ml)
         data["progidiff_seconds"] = proposals.seconds
-        data["progidiff_modality"] = resolve_modality(params.modality, data.get("image_path", ""), image[0].numpy())
+        data["progidiff_modality"] = modality
+        data["progidiff_adapter"] = adapter
         return data
 
     def _check_memory(self, image: MetaTensor, params: InferParams) -> None:
@@ -193,20 +212,29 @@ class ProGiDiffInfer(BasicInferTask):
                 "ask for fewer organs or proposals, or crop the image"
             )
 
-    def _proposals(self, pipeline: ProGiDiffPipeline, data: dict, params: InferParams) -> VolumeProposals:
-        """Sample, or reuse the proposals of an identical earlier request (e.g. asking for proposal k next)."""
+    def sample(self, volume: torch.Tensor, organs: list[str], num_proposals: int, steps: int, seed: int,
+               adapter: str | None = None) -> VolumeProposals:
+        """N proposals per organ for a volume in the model's frame, with `adapter` (None: the bare model)."""
+        pipeline = self.pipeline()
+        with self._sampling_lock:  # the active adapter belongs to the shared model: one request samples at a time
+            lora.activate(pipeline.model, adapter)
+            return segment_volume(pipeline, volume, organs, num_proposals, steps, seed,
+                                  slice_batch=self.settings.slice_batch)
+
+    def _proposals(self, data: dict, params: InferParams, adapter: str | None) -> VolumeProposals:
+        """Sample with `adapter` (None: the bare model), or reuse the proposals of an identical earlier request
+        (e.g. asking for proposal k next)."""
         path = str(data.get("image_path", ""))
         stamp = os.stat(path).st_mtime_ns if path and os.path.exists(path) else None
-        key = (path, stamp, params.organs, params.num_proposals, params.steps, params.seed, self.model_version())
+        key = (path, stamp, params.organs, params.num_proposals, params.steps, params.seed, adapter,
+               self.model_version())
         with self._lock:
             cached = self._results.get(key) if stamp is not None else None
         data["progidiff_cached"] = cached is not None
         if cached is not None:
             return cached
-        proposals = segment_volume(
-            pipeline, data[self.input_key][0], list(params.organs),
-            params.num_proposals, params.steps, params.seed, slice_batch=self.settings.slice_batch,
-        )
+        proposals = self.sample(data[self.input_key][0], list(params.organs), params.num_proposals, params.steps,
+                                params.seed, adapter)
         if stamp is not None:
             with self._lock:
                 self._results[key] = proposals
@@ -240,6 +268,7 @@ class ProGiDiffInfer(BasicInferTask):
             "seed": params.seed,
             "modality": data["progidiff_modality"][0],
             "modality_source": data["progidiff_modality"][1],
+            "adapter": data.get("progidiff_adapter"),
             "cached": data.get("progidiff_cached", False),
             "sampling_seconds": round(float(data.get("progidiff_seconds", 0.0)), 3),
             "organ_stats": data.get("progidiff_stats", {}),

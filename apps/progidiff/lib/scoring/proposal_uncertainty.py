@@ -20,7 +20,6 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from progidiff.predict import load_volume
 from progidiff.prompts import parse_prompt
 from progidiff.proposals import disagreement
-from progidiff.volume import segment_volume
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +52,10 @@ class ScoringParams:
 
 def score_image(infer: Any, datastore: Datastore, image_id: str, params: ScoringParams) -> dict[str, Any]:
     """Sample proposals for one datastore image and store its disagreement score in the image info."""
-    pipeline = infer.pipeline()
     organs = parse_prompt(params.organs, known=infer.known_organs())
-    volume = load_volume(datastore.get_image_uri(image_id), pipeline.model.config.spacing_mm).image[0]
+    volume = load_volume(datastore.get_image_uri(image_id), infer.pipeline().model.config.spacing_mm).image[0]
     sampled = volume[:, :, :: params.slice_stride].as_tensor()
-    proposals = segment_volume(pipeline, sampled, organs, params.num_proposals, params.steps, params.seed)
+    proposals = infer.sample(sampled, organs, params.num_proposals, params.steps, params.seed)
     entry = {
         "score": round(disagreement(proposals.probabilities), 6),
         "organs": organs,

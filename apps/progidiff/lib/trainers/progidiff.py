@@ -38,7 +38,8 @@ _OWN_LOOP = "ProGiDiffTrain.train runs progidiff.training.DiffusionTrainer, not 
 
 
 class ProGiDiffTrain(BasicTrainTask):
-    def __init__(self, publish_path: str | Path, run_dir: str | Path, settings: Any,
+    def __init__(self, model_path: str | Path, run_dir: str | Path, settings: Any,
+                 publish_path: str | Path | None = None, config: dict[str, Any] | None = None,
                  description: str = "Fine-tune the ProGiDiff control branch on labelled images (base frozen)"):
         super().__init__(
             model_dir=str(run_dir),
@@ -51,10 +52,12 @@ class ProGiDiffTrain(BasicTrainTask):
                 "val_proposals": 2,
                 "val_steps": 5,
                 "multi_gpu": False,  # the ProGiDiff loop trains on one device
+                **(config or {}),
             },
-            publish_path=str(publish_path),
+            publish_path=str(publish_path or model_path),
             labels=dict(ORGAN_IDS),
         )
+        self.model_path = str(model_path)  # the served model this task starts from
         self.settings = settings
         for key in ("dataset", "dataloader", "val_batch_size", "early_stop_patience", "gpus"):
             self._config.pop(key, None)  # MONAI's ignite/DDP options; this loop does not use them
@@ -62,7 +65,7 @@ class ProGiDiffTrain(BasicTrainTask):
     # BasicTrainTask's hooks for MONAI's ignite trainer.  `train` runs the ProGiDiff loop instead, which
     # owns its network, optimizer, losses, transforms and sampler (progidiff.training).
     def network(self, context: Context) -> ProGiDiffModel:
-        model = ProGiDiffModel.from_pretrained(self._publish_path)  # fine-tune what is served now
+        model = ProGiDiffModel.from_pretrained(self.model_path)  # fine-tune what is served now
         model.unet.requires_grad_(False)  # the base is never trained here, only steered
         return model
 
@@ -106,6 +109,10 @@ class ProGiDiffTrain(BasicTrainTask):
         device = torch.device(request["device"] if torch.cuda.is_available() else "cpu")
 
         model = self.network(context)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        context.trainable = {"trainable_parameters": trainable,
+                             "trainable_share": round(trainable / sum(p.numel() for p in model.parameters()), 5)}
+        logger.info("trainable parameters: %d (%.2f %% of the model)", trainable, 100 * context.trainable["trainable_share"])
         spacing = model.config.spacing_mm
         train_list, val_list = self.partition_datalist(context)
         train_volumes = [self._load(item, spacing) for item in train_list]
@@ -136,6 +143,10 @@ class ProGiDiffTrain(BasicTrainTask):
         publisher.trainer = trainer
         trainer.fit()
         return publisher.finish()
+
+    def publish(self, trainer: DiffusionTrainer) -> None:
+        """Replace the served model folder with the EMA weights (atomic folder swap)."""
+        trainer.save_model(self._publish_path)
 
     def _load(self, item: dict, spacing: float) -> Volume:
         return load_volume_pair(item["image"], item["label"], item.get("class_map") or "schema", spacing=spacing)
@@ -172,7 +183,7 @@ class _EpochPublisher:
         self.history.append({"epoch": epoch, "step": step, **metrics})
         if entry["mean_dice"] > self.best:
             self.best, self.best_epoch = entry["mean_dice"], epoch
-            self.trainer.save_model(self.task._publish_path)
+            self.task.publish(self.trainer)
             logger.info("epoch %d: validation mean Dice %.3f, best so far → published to %s",
                         epoch, self.best, self.task._publish_path)
         self._write_stats(epoch, metrics, done=epoch >= self.epochs)
@@ -196,6 +207,7 @@ class _EpochPublisher:
             "history": self.history,
             "tensorboard": str(Path(self.context.output_dir) / "tensorboard"),
             "published": self.task._publish_path,
+            **getattr(self.context, "trainable", {}),
         }
         with atomic_file(self.task._stats_path, suffix=".json") as tmp:
             Path(tmp).write_text(json.dumps(stats, indent=2))

@@ -1,0 +1,72 @@
+"""MONAI Label train task: a few-shot LoRA adapter that adapts the served (CT) model to another modality.
+
+`POST /train/progidiff_mr_lora` trains peft LoRA adapters on the control branch (optionally the base
+UNet's attention too) from the labelled images of that modality in the datastore (K can be 1); the
+model itself stays frozen.  The best epoch's adapter alone (adapter_config.json + safetensors, small)
+is published to `<adapters_path>/<modality>/`, atomically; the infer task loads it on its next request
+and uses it for studies of that modality.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.transforms import LoadImage
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.train.basic_train import Context
+
+from lib.trainers.progidiff import ProGiDiffTrain
+from progidiff import lora
+from progidiff.modality import resolve_modality
+from progidiff.model import ProGiDiffModel
+from progidiff.training import DiffusionTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def _flag(value: Any) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
+
+
+class ProGiDiffLoraTrain(ProGiDiffTrain):
+    def __init__(self, model_path: str | Path, adapters_path: str | Path, run_dir: str | Path, settings: Any,
+                 modality: str = "MR"):
+        super().__init__(
+            model_path, run_dir, settings,
+            publish_path=Path(adapters_path) / modality.lower(),
+            config={"max_epochs": 20, "learning_rate": 1e-3, "rank": 8, "alpha": 8.0, "dropout": 0.0,
+                    "base_attention": False},
+            description=f"Few-shot LoRA adaptation of the ProGiDiff model to {modality} (model frozen)",
+        )
+        self.modality = modality
+        self.lora_settings = lora.LoraSettings()
+
+    def network(self, context: Context) -> ProGiDiffModel:
+        request = context.request
+        self.lora_settings = lora.LoraSettings(rank=int(request["rank"]), alpha=float(request["alpha"]),
+                                               dropout=float(request["dropout"]),
+                                               base_attention=_flag(request["base_attention"]))
+        model = ProGiDiffModel.from_pretrained(self.model_path)
+        lora.add_adapter(model, self.modality.lower(), self.lora_settings)
+        return model
+
+    def pre_process(self, request: dict, datastore: Datastore) -> list[dict]:
+        """Only the labelled images of this task's modality (DICOM tag, else the intensity rule)."""
+        keep = []
+        for item in super().pre_process(request, datastore):
+            modality, source = resolve_modality("auto", item["image"], np.asarray(LoadImage(image_only=True)(item["image"])))
+            if modality == self.modality:
+                keep.append(item)
+            else:
+                logger.info("%s is %s (by %s): not used for the %s adapter", item["id"], modality, source, self.modality)
+        if not keep:
+            raise ValueError(f"no labelled {self.modality} images: save a 'final' label for at least one {self.modality} study")
+        return keep
+
+    def publish(self, trainer: DiffusionTrainer) -> None:
+        with trainer.ema_weights():
+            lora.save_adapter(trainer.model, self.modality.lower(), self._publish_path, self.lora_settings,
+                              extra={"modality": self.modality, "base_model": self.model_path})

@@ -1,0 +1,104 @@
+"""MR adaptation over real HTTP: a LoRA train task publishes a small adapter; infer routes MR studies to it
+(by the request's modality, the DICOM Modality tag, or the intensity rule) and CT studies to the bare model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+import torch
+
+from conftest import tiny_config, wake_control_branch
+from dicom_series import write_series
+from progidiff.model import CONTROL_WEIGHTS, ProGiDiffModel
+from server import ROOT, Server, copy_studies
+
+SAMPLE = ROOT / "sample-datasets"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("lora_app")
+    torch.manual_seed(0)
+    model = ProGiDiffModel.from_config(tiny_config(organs=["liver", "spleen"]))
+    wake_control_branch(model, scale=0.3)
+    model.save_pretrained(work / "models" / "ct")
+    studies = copy_studies(SAMPLE / "mr", work / "studies")  # phantom_000_mr labelled, phantom_001_mr not
+    shutil.copy(SAMPLE / "ct" / "phantom_000.nii.gz", studies / "phantom_000.nii.gz")
+    conf = {"model_path": str(work / "models" / "ct"), "train_dir": str(work / "runs"), "num_proposals": "2",
+            "steps": "2", "image_roots": str(work)}
+    with Server(studies, conf, work) as running:
+        yield running
+
+
+def wait_for_training(server: Server, timeout: float = 600) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = requests.get(f"{server.url}/train/", timeout=30).json()
+        if status.get("status") not in ("SUBMITTED", "RUNNING", None):
+            return status
+        time.sleep(2)
+    raise TimeoutError(server.log_tail())
+
+
+def infer(server: Server, image: str, **params) -> dict:
+    response = requests.post(f"{server.url}/infer/progidiff", params={"image": image, "output": "json"},
+                             files={"params": (None, json.dumps({"prompt": "liver", "seed": 1, **params}))}, timeout=600)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_lora_training_publishes_an_adapter_that_mr_requests_use(server):
+    bare_mr = infer(server, "phantom_001_mr")
+    assert bare_mr["modality"] == "MR" and bare_mr["adapter"] is None  # no adapter yet
+
+    response = requests.post(f"{server.url}/train/progidiff_mr_lora", timeout=60, json={
+        "max_epochs": 1, "train_batch_size": 4, "val_proposals": 1, "val_steps": 1, "rank": 4})
+    assert response.status_code == 200, response.text
+    assert wait_for_training(server)["status"] == "DONE", server.log_tail()
+
+    adapter = Path(server.conf["model_path"]).parent / "adapters" / "mr"
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    model_bytes = (Path(server.conf["model_path"]) / "controlnet" / CONTROL_WEIGHTS).stat().st_size
+    assert (adapter / "adapter_model.safetensors").stat().st_size < 0.1 * model_bytes
+    stats = requests.get(f"{server.url}/info/", timeout=30).json()["train_stats"]["progidiff_mr_lora"]
+    assert 0 < stats["trainable_share"] < 0.05 and stats["trainable_parameters"] > 0
+
+    adapted = infer(server, "phantom_001_mr")  # by the intensity rule (NIfTI has no modality tag)
+    assert (adapted["adapter"], adapted["modality_source"]) == ("mr", "intensity")
+    assert adapted["organ_stats"] != bare_mr["organ_stats"]
+
+    forced_ct = infer(server, "phantom_001_mr", modality="CT")  # the request's modality wins
+    assert forced_ct["adapter"] is None and forced_ct["organ_stats"] == bare_mr["organ_stats"]
+    assert infer(server, "phantom_000")["adapter"] is None  # CT studies keep the bare CT model
+
+
+def test_dicom_modality_tag_routes_to_the_adapter(server):
+    adapter = Path(server.conf["model_path"]).parent / "adapters" / "mr"
+    if not adapter.is_dir():
+        pytest.skip("needs the adapter published by the previous test")
+    source = nib.load(SAMPLE / "mr" / "phantom_001_mr.nii.gz")
+    # MR intensities shifted below −500 would read as CT by the intensity rule: only the tag says MR.
+    volume = np.asarray(source.dataobj).astype(np.int16) - 1000
+    folder = write_series(volume, 3.0, tuple(source.affine[:3, 3]), Path(server.conf["image_roots"]) / "dicom_mr",
+                          modality="MR")
+    result = infer(server, str(folder))
+    assert (result["modality"], result["modality_source"], result["adapter"]) == ("MR", "dicom", "mr")
+
+
+def test_concurrent_ct_and_mr_requests_match_sequential_answers(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    # 8 distinct requests; the result cache keeps the last 4, so the first 4 are sampled again concurrently.
+    asked = [("phantom_000" if i % 2 else "phantom_001_mr", 100 + i) for i in range(8)]
+    sequential = [infer(server, image, seed=seed) for image, seed in asked]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda item: infer(server, item[0], seed=item[1]), asked[:4]))
+    assert not any(r["cached"] for r in concurrent)
+    assert [(r["adapter"], r["organ_stats"]) for r in concurrent] == [(r["adapter"], r["organ_stats"]) for r in sequential[:4]]
