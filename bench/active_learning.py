@@ -26,25 +26,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from progidiff.data import SliceDataset, Volume, phantom_volumes  # noqa: E402
+from progidiff.data import Volume, phantom_volumes  # noqa: E402
 from progidiff.model import ProGiDiffConfig, ProGiDiffModel  # noqa: E402
-from progidiff.pipeline import ProGiDiffPipeline, prompt_encoder_for  # noqa: E402
+from progidiff.pipeline import ProGiDiffPipeline  # noqa: E402
 from progidiff.proposals import disagreement  # noqa: E402
-from progidiff.training import DiffusionTrainer, TrainConfig  # noqa: E402
+from progidiff.training import TrainConfig, train_on_volumes  # noqa: E402
 from progidiff.volume import segment_volume  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ORGANS = ["liver", "spleen", "kidney_left", "kidney_right"]
 logger = logging.getLogger("bench.active_learning")
-
-
-def train(model: ProGiDiffModel, volumes: list[Volume], val: list[Volume], config: TrainConfig, out: Path) -> dict:
-    """Train `model` in place on `volumes`; returns the validation entry (consensus Dice per organ)."""
-    train_set = SliceDataset([(volumes, 1.0)], model.config.image_size, model.config.organs, seed=config.seed)
-    trainer = DiffusionTrainer(model, prompt_encoder_for(model), train_set, val, config, out)
-    trainer.fit()
-    trainer.ema.copy_to(trainer.params)  # continue from (and score) the EMA weights, as published models are
-    return trainer.history[-1]
 
 
 def score(model: ProGiDiffModel, volume: Volume, args: argparse.Namespace) -> float:
@@ -73,7 +64,7 @@ def run_strategy(strategy: str, weak: ProGiDiffModel, start: list[Volume], pool:
         config = TrainConfig(max_steps=args.finetune_steps, learning_rate=args.finetune_lr, val_every=0,
                              checkpoint_every=0, val_proposals=2, val_steps=5, val_organs=",".join(ORGANS),
                              seed=args.seed + r)
-        result = train(model, labelled, test, config, work / f"{strategy}_{r}")
+        result = train_on_volumes(model, labelled, test, config, work / f"{strategy}_{r}")
         rounds.append({"round": r, "picked": chosen.name, "pool_scores": scores, "dice": result["dice"],
                        "mean_dice": result["mean_dice"], "seconds": round(time.time() - started, 1)})
         logger.info("%s round %d: picked %s → mean Dice %.3f", strategy, r, chosen.name, result["mean_dice"])
@@ -123,7 +114,7 @@ def main() -> None:
         work = Path(tmp)
         config = TrainConfig(max_steps=args.weak_steps, encoder_steps=args.weak_steps // 2, val_every=0,
                              checkpoint_every=0, val_proposals=2, val_steps=5, val_organs=",".join(ORGANS), seed=args.seed)
-        weak_result = train(weak, start, test, config, work / "weak")
+        weak_result = train_on_volumes(weak, start, test, config, work / "weak")
         logger.info("weak model: mean Dice %.3f", weak_result["mean_dice"])
         results = {
             "command": "python bench/active_learning.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),

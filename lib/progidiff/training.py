@@ -33,7 +33,7 @@ from .io_utils import atomic_file
 from .labels import ORGAN_IDS
 from .metrics import dice
 from .model import ProGiDiffModel
-from .pipeline import ProGiDiffPipeline
+from .pipeline import ProGiDiffPipeline, prompt_encoder_for
 from .proposals import summarise
 from .text import PromptEncoder
 
@@ -327,3 +327,14 @@ class BaselineTrainer(Trainer):
 
     def predict(self, images: torch.Tensor, organs: list[str]) -> torch.Tensor:
         return self.model.predict(images, organs)
+
+
+def train_on_volumes(model: ProGiDiffModel, volumes: list[Volume], val_volumes: list[Volume], config: TrainConfig,
+                     out_dir: str | Path, device: torch.device | str = "cpu") -> dict:
+    """Train `model` in place on `volumes` (its trainable parameters only) and leave the EMA weights in it,
+    as a published model would have them.  Returns the final validation entry."""
+    train_set = SliceDataset([(volumes, 1.0)], model.config.image_size, list(model.config.organs), seed=config.seed)
+    trainer = DiffusionTrainer(model, prompt_encoder_for(model), train_set, val_volumes, config, out_dir, device=device)
+    final = trainer.fit()
+    trainer.ema.copy_to(trainer.params)
+    return final
