@@ -59,6 +59,15 @@ def wake_control_branch(model: ProGiDiffModel, scale: float = 0.05) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
+def save_awake_tiny_model(directory: Path, **overrides) -> Path:
+    """A tiny model whose control branch has an effect, saved where a test server will serve it."""
+    torch.manual_seed(0)
+    model = ProGiDiffModel.from_config(tiny_config(**overrides))
+    wake_control_branch(model, scale=0.3)
+    model.save_pretrained(directory)
+    return directory
+
+
 def requires_shared_data() -> pytest.MarkDecorator:
     return pytest.mark.skipif(
         not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent (team data beside the checkout; not in a fresh clone)"

@@ -69,6 +69,16 @@ class Server:
                 self.process.kill()
         self.log.close()
 
+    def wait_for_task(self, kind: str, timeout: float = 600) -> dict:
+        """Poll MONAI Label's status of the latest background `kind` task ("train", "scoring") until it ends."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = requests.get(f"{self.url}/{kind}/", timeout=30).json()
+            if status.get("status") not in ("SUBMITTED", "RUNNING", None):
+                return status
+            time.sleep(2)
+        raise TimeoutError(f"{kind} task still running after {timeout} s:\n{self.log_tail()}")
+
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text()[-chars:] if self.log_path.exists() else ""
 

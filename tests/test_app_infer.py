@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import requests
-import torch
 from requests_toolbelt.multipart import decoder
 
-from conftest import tiny_config, wake_control_branch
+from conftest import save_awake_tiny_model
 from dicom_series import write_series
-from progidiff.model import ProGiDiffModel
 from progidiff.prompts import KNOWN_ORGANS
 from server import ROOT, Server, copy_studies
 
@@ -26,10 +23,7 @@ IMAGE = "phantom_000"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("app")
-    torch.manual_seed(0)
-    model = ProGiDiffModel.from_config(tiny_config())
-    wake_control_branch(model, scale=0.3)
-    model.save_pretrained(work / "model")
+    save_awake_tiny_model(work / "model")
     studies = copy_studies(SAMPLE, work / "studies")
     conf = {"model_path": str(work / "model"), "num_proposals": "3", "steps": "2",
             "image_roots": str(tmp_path_factory.getbasetemp())}  # where the DICOM test writes its series

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import requests
-import torch
 
-from conftest import tiny_config, wake_control_branch
+from conftest import save_awake_tiny_model
 from dicom_series import write_series
-from progidiff.model import CONTROL_WEIGHTS, ProGiDiffModel
+from progidiff.model import CONTROL_WEIGHTS
 from server import ROOT, Server, copy_studies
 
 SAMPLE = ROOT / "sample-datasets"
@@ -25,26 +23,13 @@ SAMPLE = ROOT / "sample-datasets"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("lora_app")
-    torch.manual_seed(0)
-    model = ProGiDiffModel.from_config(tiny_config(organs=["liver", "spleen"]))
-    wake_control_branch(model, scale=0.3)
-    model.save_pretrained(work / "models" / "ct")
+    save_awake_tiny_model(work / "models" / "ct", organs=["liver", "spleen"])
     studies = copy_studies(SAMPLE / "mr", work / "studies")  # phantom_000_mr labelled, phantom_001_mr not
     shutil.copy(SAMPLE / "ct" / "phantom_000.nii.gz", studies / "phantom_000.nii.gz")
     conf = {"model_path": str(work / "models" / "ct"), "train_dir": str(work / "runs"), "num_proposals": "2",
             "steps": "2", "image_roots": str(work)}
     with Server(studies, conf, work) as running:
         yield running
-
-
-def wait_for_training(server: Server, timeout: float = 600) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = requests.get(f"{server.url}/train/", timeout=30).json()
-        if status.get("status") not in ("SUBMITTED", "RUNNING", None):
-            return status
-        time.sleep(2)
-    raise TimeoutError(server.log_tail())
 
 
 def infer(server: Server, image: str, **params) -> dict:
@@ -61,7 +46,7 @@ def test_lora_training_publishes_an_adapter_that_mr_requests_use(server):
     response = requests.post(f"{server.url}/train/progidiff_mr_lora", timeout=60, json={
         "max_epochs": 1, "train_batch_size": 4, "val_proposals": 1, "val_steps": 1, "rank": 4})
     assert response.status_code == 200, response.text
-    assert wait_for_training(server)["status"] == "DONE", server.log_tail()
+    assert server.wait_for_task("train")["status"] == "DONE", server.log_tail()
 
     adapter = Path(server.conf["model_path"]).parent / "adapters" / "mr"
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

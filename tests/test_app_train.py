@@ -12,9 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-import torch
 
-from conftest import tiny_config, wake_control_branch
+from conftest import save_awake_tiny_model
 from progidiff.labels import ORGAN_IDS
 from progidiff.model import CONTROL_WEIGHTS, ProGiDiffModel
 from progidiff.phantoms import make_phantom, save_nifti
@@ -28,10 +27,7 @@ TINY_TRAIN = {"max_epochs": 2, "train_batch_size": 4, "val_proposals": 1, "val_s
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("train_app")
-    torch.manual_seed(0)
-    model = ProGiDiffModel.from_config(tiny_config())
-    wake_control_branch(model, scale=0.3)
-    model.save_pretrained(work / "model")
+    save_awake_tiny_model(work / "model")
     studies = copy_studies(SAMPLE, work / "studies")
     for seed in UNLABELLED_SEEDS:  # two more unlabelled studies for scoring and active learning
         phantom = make_phantom(seed)
@@ -44,17 +40,6 @@ def server(tmp_path_factory):
 def weights_digest(server: Server) -> str:
     model_dir = Path(server.conf["model_path"])
     return hashlib.sha256((model_dir / "controlnet" / CONTROL_WEIGHTS).read_bytes()).hexdigest()
-
-
-def wait_for_task(server: Server, kind: str, timeout: float = 600) -> dict:
-    """Poll MONAI Label's status of the latest background `kind` task ("train", "scoring") until it ends."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = requests.get(f"{server.url}/{kind}/", timeout=30).json()
-        if status.get("status") not in ("SUBMITTED", "RUNNING", None):
-            return status
-        time.sleep(2)
-    raise TimeoutError(f"{kind} task still running after {timeout} s:\n{server.log_tail()}")
 
 
 def infer_json(server: Server, image: str) -> dict:
@@ -85,7 +70,7 @@ def test_put_label_train_publish_and_serve(server):
     before = infer_json(server, "phantom_000")
     response = requests.post(f"{server.url}/train/progidiff", json=TINY_TRAIN, timeout=60)
     assert response.status_code == 200, response.text
-    status = wait_for_task(server, "train")
+    status = server.wait_for_task("train")
     assert status["status"] == "DONE", f"{status}\n{server.log_tail()}"
 
     assert weights_digest(server) != before_digest
@@ -105,7 +90,7 @@ def test_scoring_then_strategy_picks_highest(server):
     response = requests.post(f"{server.url}/scoring/proposal_uncertainty",
                              json={"num_proposals": 2, "steps": 2, "slice_stride": 8}, timeout=60)
     assert response.status_code == 200, response.text
-    assert wait_for_task(server, "scoring")["status"] == "DONE", server.log_tail()
+    assert server.wait_for_task("scoring")["status"] == "DONE", server.log_tail()
 
     objects = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
     unlabelled = [i for i, o in objects.items() if "final" not in o["labels"]]
@@ -149,7 +134,7 @@ def test_training_killed_mid_run_leaves_the_published_model_serving(server):
     assert infer_json(server, "phantom_001")["organs"] == ["liver"]  # infer keeps answering while training runs
     assert requests.get(f"{server.url}/train/", timeout=30).json()["status"] == "RUNNING"
     requests.delete(f"{server.url}/train/", timeout=60)
-    assert wait_for_task(server, "train")["status"] != "RUNNING"
+    assert server.wait_for_task("train")["status"] != "RUNNING"
 
     ProGiDiffModel.from_pretrained(server.conf["model_path"])
     assert infer_json(server, "phantom_000")["organs"] == ["liver"]

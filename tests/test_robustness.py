@@ -11,10 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-import torch
 
-from conftest import tiny_config, wake_control_branch
-from progidiff.model import ProGiDiffModel
+from conftest import save_awake_tiny_model
 from server import ROOT, Server, copy_studies
 
 SAMPLE = ROOT / "sample-datasets" / "ct"
@@ -23,10 +21,7 @@ SAMPLE = ROOT / "sample-datasets" / "ct"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("robust")
-    torch.manual_seed(0)
-    model = ProGiDiffModel.from_config(tiny_config())
-    wake_control_branch(model, scale=0.3)
-    model.save_pretrained(work / "model")
+    save_awake_tiny_model(work / "model")
     studies = copy_studies(SAMPLE, work / "studies")
     good = (studies / "phantom_000.nii.gz").read_bytes()
     (studies / "truncated.nii.gz").write_bytes(good[: len(good) // 3])
