@@ -3,6 +3,7 @@ import torch
 
 from conftest import wake_control_branch
 from progidiff.pipeline import ProGiDiffPipeline
+from progidiff.volume import segment_volume, slices_to_sample
 
 
 @pytest.fixture
@@ -57,3 +58,27 @@ def test_bad_inputs_are_rejected_early(pipeline, small_model, minilm):
         pipeline(torch.full((1, 1, 8, 8), float("nan")), ["liver"])
     with pytest.raises(ValueError, match="Unknown scheduler"):
         ProGiDiffPipeline(small_model, minilm, scheduler="euler")
+
+
+def test_screening_samples_only_slices_that_can_hold_the_organ(pipeline, monkeypatch):
+    volume = torch.randn(30, 26, 8, generator=torch.Generator().manual_seed(4)) * 300
+    everything = segment_volume(pipeline, volume, ["liver"], num_proposals=2, steps=2, seed=1)
+    # The scan encoder sees the liver on slices 3 and 4 only: 2..5 are sampled (one neighbour each way).
+    presence = torch.tensor([0.0, 0.0, 0.01, 0.9, 0.6, 0.0, 0.0, 0.0])[:, None]
+    monkeypatch.setattr(pipeline, "organ_presence", lambda images, organs: presence[: images.shape[0]])
+    screened = segment_volume(pipeline, volume, ["liver"], num_proposals=2, steps=2, seed=1, screen_threshold=0.05)
+    sampled = [2, 3, 4, 5]
+    assert torch.equal(screened.probabilities[..., sampled], everything.probabilities[..., sampled])
+    skipped = [0, 1, 6, 7]
+    assert screened.probabilities[..., skipped].abs().sum() == 0
+
+
+def test_screening_with_the_real_organ_read_out(pipeline):
+    volume = torch.randn(30, 26, 4, generator=torch.Generator().manual_seed(5)) * 300
+    head = pipeline.model.scan_encoder.organ_head
+    with torch.no_grad():
+        head.bias.fill_(-30.0)  # sure that no organ is anywhere: nothing to sample
+    assert slices_to_sample(pipeline, volume.permute(2, 0, 1)[:, None], ["liver"], threshold=0.05) == []
+    with torch.no_grad():
+        head.bias.fill_(30.0)  # sure that every organ is everywhere: every slice
+    assert slices_to_sample(pipeline, volume.permute(2, 0, 1)[:, None], ["liver"], threshold=0.05) == [0, 1, 2, 3]

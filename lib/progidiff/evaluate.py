@@ -25,6 +25,7 @@ from .montage import save_montage
 from .predict import Predictor, load_volume
 from .prompts import parse_prompt
 from .train import parse_range
+from .volume import DEFAULT_SCREEN_THRESHOLD
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--screen-threshold", type=float, default=DEFAULT_SCREEN_THRESHOLD,
+                   help="sample only slices where the scan encoder sees the organ (0: every slice)")
     p.add_argument("--slices", type=parse_range, default=None, metavar="Z0:Z1", help="score only these z-slices")
     p.add_argument("--out", type=Path, required=True, help="result JSON; the montage PNG goes beside it")
     return p
@@ -49,7 +52,7 @@ def _finite_or_none(value: float) -> float | None:
 
 def evaluate(args: argparse.Namespace) -> dict:
     start = time.time()
-    predictor = Predictor(args.model, scheduler=args.scheduler)
+    predictor = Predictor(args.model, scheduler=args.scheduler, screen_threshold=args.screen_threshold)
     organs = parse_prompt(args.organs, known=tuple(predictor.organs) or tuple(ORGAN_IDS))
     loaded = load_volume(args.image, predictor.spacing_mm, label=args.label)
     image = loaded.image[0]

@@ -161,6 +161,21 @@ class ProGiDiffPipeline:
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             return self.model.decode_mask(latents).float()
 
+    @property
+    def can_screen(self) -> bool:
+        """Whether `organ_presence` is meaningful: the model reads organs out of the scan (compact x0 model)."""
+        return self.model.uses_organ_prior
+
+    @torch.inference_mode()
+    def organ_presence(self, images: torch.Tensor, organs: list[str]) -> torch.Tensor:
+        """[B, P]: the scan encoder's highest probability of each organ on each slice — one deterministic
+        pass, a small fraction of one sampling step, to skip slices that cannot hold the organ."""
+        encoder = self.model.scan_encoder
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            logits = encoder.organ_logits(encoder.features(self.prepare_condition(images)))
+        index = torch.tensor([ORGAN_IDS[o] - 1 for o in organs], device=logits.device)
+        return logits[:, index].float().sigmoid().amax(dim=(2, 3)).cpu()
+
     # ---- the whole flow ------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(

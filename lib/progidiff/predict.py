@@ -21,8 +21,10 @@ from .volume import VolumeProposals, loading_transforms, segment_volume
 class Predictor:
     """One interface over both kinds of model folder: `segment(volume, organs, ...) -> VolumeProposals`."""
 
-    def __init__(self, model_dir: str | Path, scheduler: str = "ddim", device: str | None = None):
+    def __init__(self, model_dir: str | Path, scheduler: str = "ddim", device: str | None = None,
+                 screen_threshold: float = 0.0):
         self.model_dir = Path(model_dir)
+        self.screen_threshold = screen_threshold
         if is_baseline_folder(self.model_dir):
             self.baseline: BaselineSegmenter | None = BaselineSegmenter.from_pretrained(self.model_dir)
             self.pipeline = None
@@ -41,7 +43,8 @@ class Predictor:
 
     def segment(self, volume: torch.Tensor, organs: list[str], proposals: int, steps: int, seed: int) -> VolumeProposals:
         if self.pipeline is not None:
-            return segment_volume(self.pipeline, volume, organs, proposals, steps, seed)
+            return segment_volume(self.pipeline, volume, organs, proposals, steps, seed,
+                                  screen_threshold=self.screen_threshold)
         start = time.time()
         slices = torch.as_tensor(volume, dtype=torch.float32).permute(2, 0, 1)[:, None]
         probability = self.baseline.predict(slices, organs)  # [1, Z, P, X, Y]

@@ -24,7 +24,13 @@ from .montage import save_montage
 from .phantoms import save_nifti
 from .predict import Predictor, load_volume
 from .prompts import parse_prompt
-from .volume import consensus_label_map, organ_statistics, proposal_channels, split_proposal_channels
+from .volume import (
+    DEFAULT_SCREEN_THRESHOLD,
+    consensus_label_map,
+    organ_statistics,
+    proposal_channels,
+    split_proposal_channels,
+)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,13 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--screen-threshold", type=float, default=DEFAULT_SCREEN_THRESHOLD,
+                   help="sample only slices where the scan encoder sees the organ (0: every slice)")
     p.add_argument("--out", type=Path, required=True)
     return p
 
 
 def segment(args: argparse.Namespace) -> dict:
     start = time.time()
-    predictor = Predictor(args.model, scheduler=args.scheduler)
+    predictor = Predictor(args.model, scheduler=args.scheduler, screen_threshold=args.screen_threshold)
     organs = parse_prompt(args.prompt, known=tuple(predictor.organs) or tuple(ORGAN_IDS))
     loaded = load_volume(args.image, predictor.spacing_mm)
     proposals = predictor.segment(loaded.image[0].as_tensor(), organs, args.proposals, args.steps, args.seed)

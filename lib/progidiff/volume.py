@@ -22,6 +22,9 @@ from .proposals import summarise
 
 logger = logging.getLogger(__name__)
 
+# Organ probability from the scan encoder below which a slice is not sampled (app and CLIs' default).
+DEFAULT_SCREEN_THRESHOLD = 0.05
+
 
 def loading_transforms(keys: str | list[str] = "image", spacing: float | None = None, label_keys: tuple = ()) -> list:
     """MONAI transforms that bring a NIfTI/NRRD file or DICOM series folder into the model's frame
@@ -50,6 +53,22 @@ class VolumeProposals:
         return self.probabilities[:, p].float()
 
 
+def slices_to_sample(pipeline: ProGiDiffPipeline, slices: torch.Tensor, organs: list[str], threshold: float,
+                     margin: int = 1, batch: int = 32) -> list[int]:
+    """Indices of the slices where the scan encoder sees any of `organs` (probability ≥ `threshold`),
+    widened by `margin` slices each way; all slices when the model cannot screen (threshold ≤ 0)."""
+    z = slices.shape[0]
+    if threshold <= 0 or not pipeline.can_screen:
+        return list(range(z))
+    presence = torch.cat([pipeline.organ_presence(slices[i : i + batch], organs) for i in range(0, z, batch)])
+    hit = (presence >= threshold).any(dim=1)
+    widened = hit.clone()
+    for shift in range(1, margin + 1):
+        widened[shift:] |= hit[:-shift]
+        widened[:-shift] |= hit[shift:]
+    return [int(i) for i in torch.nonzero(widened).flatten()]
+
+
 def segment_volume(
     pipeline: ProGiDiffPipeline,
     volume: torch.Tensor | np.ndarray,
@@ -59,8 +78,14 @@ def segment_volume(
     seed: int = 0,
     slice_batch: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    screen_threshold: float = 0.0,
 ) -> VolumeProposals:
-    """`volume` [X, Y, Z] (RAS, model spacing) → N proposals per organ for every axial slice."""
+    """`volume` [X, Y, Z] (RAS, model spacing) → N proposals per organ for every axial slice.
+
+    With `screen_threshold` > 0, only slices where the scan encoder sees a requested organ (and their
+    neighbours) are sampled; the others are background in every proposal.  A sampled slice's proposals
+    are the same either way (its noise depends on its own index only).
+    """
     start = time.time()
     volume = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
     if volume.ndim != 3:
@@ -68,14 +93,18 @@ def segment_volume(
     x, y, z = volume.shape
     probabilities = torch.zeros(num_proposals, len(organs), x, y, z, dtype=torch.float16)
     slices = volume.permute(2, 0, 1)[:, None]  # [Z, 1, X, Y]
-    for first in range(0, z, slice_batch):
-        last = min(first + slice_batch, z)
-        out = pipeline(slices[first:last], organs, num_proposals, steps, seed, slice_indices=list(range(first, last)))
-        probabilities[..., first:last] = out.probabilities.permute(0, 2, 3, 4, 1).to(torch.float16)
-        logger.info("sampled slices %d/%d (%d organs × %d proposals, %.1f s)", last, z, len(organs), num_proposals,
-                    time.time() - start)
+    wanted = slices_to_sample(pipeline, slices, organs, screen_threshold)
+    if len(wanted) < z:
+        logger.info("screening: %d of %d slices can hold %s", len(wanted), z, ", ".join(organs))
+    for first in range(0, len(wanted), slice_batch):
+        chunk = wanted[first : first + slice_batch]
+        out = pipeline(slices[chunk], organs, num_proposals, steps, seed, slice_indices=chunk)
+        probabilities[..., chunk] = out.probabilities.permute(0, 2, 3, 4, 1).to(torch.float16)
+        done = first + len(chunk)
+        logger.info("sampled slices %d/%d (%d organs × %d proposals, %.1f s)", done, len(wanted), len(organs),
+                    num_proposals, time.time() - start)
         if progress is not None:
-            progress(last, z)
+            progress(done, len(wanted))
     return VolumeProposals(organs, probabilities, seed, steps, time.time() - start)
 
 

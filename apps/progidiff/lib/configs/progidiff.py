@@ -17,6 +17,7 @@ from progidiff.labels import ORGAN_IDS
 from progidiff.model import CONFIG_NAME, ProGiDiffConfig, ProGiDiffModel
 from progidiff.pipeline import default_device
 from progidiff.schedulers import SAMPLERS
+from progidiff.volume import DEFAULT_SCREEN_THRESHOLD
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class AppSettings:
     device: str = "auto"
     precision: str = "auto"
     slice_batch: int = 8
+    screen_threshold: float = DEFAULT_SCREEN_THRESHOLD  # sample only slices where the organ can be (0: all)
     max_memory_gb: float = 8.0  # requests whose outputs need more are refused with a message
     adapters_path: str = ""  # LoRA adapters, one folder per modality; default <model_path>/../adapters
     train_dir: str = ""  # training runs (checkpoints, TensorBoard, train stats); default <repo>/runs/app

@@ -219,7 +219,8 @@ class ProGiDiffInfer(BasicInferTask):
         with self._sampling_lock:  # the active adapter belongs to the shared model: one request samples at a time
             lora.activate(pipeline.model, adapter)
             return segment_volume(pipeline, volume, organs, num_proposals, steps, seed,
-                                  slice_batch=self.settings.slice_batch)
+                                  slice_batch=self.settings.slice_batch,
+                                  screen_threshold=self.settings.screen_threshold)
 
     def _proposals(self, data: dict, params: InferParams, adapter: str | None) -> VolumeProposals:
         """Sample with `adapter` (None: the bare model), or reuse the proposals of an identical earlier request
