@@ -110,8 +110,8 @@ class ProGiDiffTrain(BasicTrainTask):
 
         model = self.network(context)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        context.trainable = {"trainable_parameters": trainable,
-                             "trainable_share": round(trainable / sum(p.numel() for p in model.parameters()), 5)}
+        model_size = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)  # adapters aside
+        context.trainable = {"trainable_parameters": trainable, "trainable_share": round(trainable / model_size, 5)}
         logger.info("trainable parameters: %d (%.2f %% of the model)", trainable, 100 * context.trainable["trainable_share"])
         spacing = model.config.spacing_mm
         train_list, val_list = self.partition_datalist(context)
