@@ -29,9 +29,9 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.infers.params import InferParams, bad_request, parse_params
+from progidiff import lora
 from progidiff.labels import ORGAN_IDS
 from progidiff.modality import resolve_modality
-from progidiff import lora
 from progidiff.model import CONFIG_NAME, ProGiDiffModel
 from progidiff.pipeline import ProGiDiffPipeline, prompt_encoder_for
 from progidiff.volume import (
