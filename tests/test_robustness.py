@@ -151,3 +151,11 @@ def test_eight_concurrent_requests_match_sequential_answers(server):
     assert not any(result["cached"] for result in concurrent)
     assert [result["organ_stats"] for result in concurrent] == sequential[:8]
     assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
+
+
+def test_an_image_uploaded_with_the_infer_request_is_accepted(server):
+    upload = {"file": ("upload.nii.gz", (SAMPLE / "phantom_000.nii.gz").read_bytes()),
+              "params": (None, json.dumps({"prompt": "liver"}))}
+    response = requests.post(f"{server.url}/infer/progidiff", params={"output": "json"}, files=upload, timeout=600)
+    assert response.status_code == 200, response.text
+    assert response.json()["organs"] == ["liver"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from typing import Any
 
 from monailabel.config import settings
@@ -55,13 +56,17 @@ class ProGiDiffApp(MONAILabelApp):
         roots = [r for r in conf.get("image_roots", "").split(",") if r.strip()]
         if not self.studies.startswith(("http://", "https://")):
             roots.append(self.studies)
+        # MONAI Label's own places: sessions, and the temporary file an infer request's upload (`file`) is saved to.
+        if self.sessions() is not None:
+            roots.append(self.sessions().store_path)
         self.image_roots = [os.path.realpath(r.strip()) for r in roots]
+        self.upload_dir = os.path.realpath(tempfile.gettempdir())
 
     def infer(self, request: dict, datastore: Datastore | None = None) -> dict:
         """Refuse unknown ids and paths outside the allowed folders before MONAI Label resolves them."""
         store = datastore or self.datastore()
         ids = store.list_images() if isinstance(store, LocalDatastore) else None
-        check_image_reference(request.get("image"), ids, self.image_roots)
+        check_image_reference(request.get("image"), ids, self.image_roots, self.upload_dir)
         return super().infer(request, datastore)
 
     def init_datastore(self) -> Datastore:

@@ -80,12 +80,13 @@ def parse_params(
     )
 
 
-def check_image_reference(image: Any, image_ids: list[str] | None, roots: list[str]) -> None:
-    """The `image` of a request: a datastore id, or a file/DICOM folder under one of the allowed roots.
+def check_image_reference(image: Any, image_ids: list[str] | None, roots: list[str], upload_dir: str = "") -> None:
+    """The `image` of a request: a datastore id, or a file/DICOM folder under one of the allowed roots, or
+    (a file directly in `upload_dir`) the temporary copy MONAI Label makes of an image uploaded with the request.
 
-    `image_ids`: the local datastore's ids; None for a remote datastore (DICOMweb), which resolves ids itself.
     Anything else is refused before MONAI Label resolves it, so a request can neither probe nor read
     files elsewhere on the server (`../../etc/passwd`, `/etc/passwd`, encoded variants alike).
+    `image_ids`: the local datastore's ids; None for a remote datastore (DICOMweb), which resolves ids itself.
     """
     if not isinstance(image, str) or not image:
         raise bad_request("'image' must be a datastore image id (GET /datastore/?output=all lists them)")
@@ -93,7 +94,9 @@ def check_image_reference(image: Any, image_ids: list[str] | None, roots: list[s
         return
     if os.path.isabs(image):
         path = os.path.realpath(image)
-        if any(os.path.commonpath([path, root]) == root for root in roots) and os.path.exists(path):
+        under_root = any(os.path.commonpath([path, root]) == root for root in roots)
+        uploaded = bool(upload_dir) and os.path.dirname(path) == upload_dir and os.path.isfile(path)
+        if (under_root or uploaded) and os.path.exists(path):
             return
         raise HTTPException(status_code=403, detail=(
             f"image path {image!r} is not accepted: paths must name an existing NIfTI/NRRD file or DICOM series "
