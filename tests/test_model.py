@@ -49,6 +49,16 @@ def test_branch_output_depends_on_the_scan(small_model):
     assert not torch.allclose(a, c)  # the organ prior follows the prompted organ
 
 
+def test_precomputed_scan_features_give_the_same_prediction(small_model):
+    """What the sampler relies on when it encodes each slice once for every step, proposal and organ."""
+    wake_control_branch(small_model)
+    noisy, timesteps, text, image, organ = _inputs(small_model)
+    with torch.no_grad():
+        features = small_model.scan_encoder.features(image)
+        assert torch.allclose(small_model(noisy, timesteps, text, image, organ),
+                              small_model(noisy, timesteps, text, None, organ, features=features))
+
+
 def test_organ_prior_needs_the_organ(small_model):
     noisy, timesteps, text, image, _ = _inputs(small_model)
     with pytest.raises(ValueError, match="organ_index"):

@@ -73,12 +73,33 @@ def test_screening_samples_only_slices_that_can_hold_the_organ(pipeline, monkeyp
     assert screened.probabilities[..., skipped].abs().sum() == 0
 
 
+def test_each_organ_is_sampled_only_where_it_can_be(pipeline, monkeypatch):
+    volume = torch.randn(30, 26, 8, generator=torch.Generator().manual_seed(4)) * 300
+    everything = segment_volume(pipeline, volume, ["liver", "spleen"], num_proposals=2, steps=2, seed=1)
+    # Liver seen on slice 1, spleen on slice 6: each is sampled on its own slices ± 1 only.
+    presence = torch.zeros(8, 2)
+    presence[1, 0], presence[6, 1] = 0.7, 0.4
+    monkeypatch.setattr(pipeline, "organ_presence", lambda images, organs: presence[: images.shape[0]])
+    calls = []
+    sample = pipeline.__call__
+    monkeypatch.setattr(type(pipeline), "__call__", lambda self, *a, **k: calls.append(a[1]) or sample(*a, **k))
+    screened = segment_volume(pipeline, volume, ["liver", "spleen"], num_proposals=2, steps=2, seed=1,
+                              screen_threshold=0.05)
+    assert calls == [["liver"], ["spleen"]]
+    for channel, sampled in ((0, [0, 1, 2]), (1, [5, 6, 7])):
+        skipped = [z for z in range(8) if z not in sampled]
+        # Same noise, other batch composition: equal up to float16 rounding.
+        assert torch.allclose(screened.probabilities[:, channel, ..., sampled].float(),
+                              everything.probabilities[:, channel, ..., sampled].float(), atol=2e-3)
+        assert screened.probabilities[:, channel, ..., skipped].abs().sum() == 0
+
+
 def test_screening_with_the_real_organ_read_out(pipeline):
     volume = torch.randn(30, 26, 4, generator=torch.Generator().manual_seed(5)) * 300
     head = pipeline.model.scan_encoder.organ_head
     with torch.no_grad():
         head.bias.fill_(-30.0)  # sure that no organ is anywhere: nothing to sample
-    assert slices_to_sample(pipeline, volume.permute(2, 0, 1)[:, None], ["liver"], threshold=0.05) == []
+    assert slices_to_sample(pipeline, volume.permute(2, 0, 1)[:, None], ["liver"], threshold=0.05) == {"liver": []}
     with torch.no_grad():
         head.bias.fill_(30.0)  # sure that every organ is everywhere: every slice
-    assert slices_to_sample(pipeline, volume.permute(2, 0, 1)[:, None], ["liver"], threshold=0.05) == [0, 1, 2, 3]
+    assert slices_to_sample(pipeline, volume.permute(2, 0, 1)[:, None], ["liver"], threshold=0.05) == {"liver": [0, 1, 2, 3]}

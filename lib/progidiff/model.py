@@ -197,6 +197,7 @@ class ProGiDiffModel(nn.Module):
         organ_index: torch.Tensor | None = None,
         conditioning_scale: float = 1.0,
         return_organ_logits: bool = False,
+        features: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The base's prediction for `noisy`, steered by the branch's residuals from `image`.
 
@@ -204,8 +205,11 @@ class ProGiDiffModel(nn.Module):
         value − 1, one per batch item) is added to the predicted mask: the diffusion model then learns
         the proposals' variation around an anatomy estimate instead of the anatomy from scratch.
         `return_organ_logits` also returns every organ's logits (for the training loss).
+        `features`: `scan_encoder.features(image)` computed beforehand (a sampler reuses them for every
+        step, proposal and organ of a slice); `image` is then not read.
         """
-        features = self.scan_encoder.features(image)  # once, for the branch and the organ read-out
+        if features is None:
+            features = self.scan_encoder.features(image)  # once, for the branch and the organ read-out
         down, mid = self.controlnet(
             noisy,
             timesteps,

@@ -1,7 +1,10 @@
 """Sampling N mask proposals for B slices × P organs in one batched denoising loop.
 
 Shaped like diffusers' ControlNet pipeline: `check_inputs` → `encode_prompt` → `prepare_condition`
-→ `prepare_latents` → `denoise` (progress bar) → `decode`, one method a step.
+→ `encode_scan` → `prepare_latents` → `denoise` (progress bar) → `decode`, one method a step.
+
+The scan encoder runs once per slice: its features are shared by every step, proposal and organ
+(before, they were recomputed N·P times per step; the outputs are the same).
 
 Reproducibility: the starting noise of proposal k for slice s and organ o is drawn from its own
 generator seeded by (seed, k, s, o), so a proposal does not change when the batch is chunked
@@ -123,6 +126,11 @@ class ProGiDiffPipeline:
         """Slices of any shape → [B, 1, S, S] at the model's image size, raw intensities kept."""
         return to_square(images.float(), self.model.config.image_size).to(self.device)
 
+    def encode_scan(self, condition: torch.Tensor) -> torch.Tensor:
+        """[B, 1, S, S] slices → the scan encoder's features [B, C, h, w], computed once per slice."""
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            return self.model.scan_encoder.features(condition)
+
     def prepare_latents(
         self, num_proposals: int, slice_indices: list[int], organs: list[str], seed: int
     ) -> torch.Tensor:
@@ -140,7 +148,7 @@ class ProGiDiffPipeline:
         self,
         latents: torch.Tensor,
         text: torch.Tensor,
-        condition: torch.Tensor,
+        features: torch.Tensor,
         organ_index: torch.Tensor,
         steps: int,
         seed: int,
@@ -153,7 +161,7 @@ class ProGiDiffPipeline:
             model_input = scheduler.scale_model_input(latents, t)
             timesteps = t.expand(latents.shape[0]).to(self.device)
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                prediction = self.model(model_input, timesteps, text, condition, organ_index)
+                prediction = self.model(model_input, timesteps, text, None, organ_index, features=features)
             latents = scheduler.step(prediction.float(), t, latents, generator=generator).prev_sample
         return latents
 
@@ -193,14 +201,14 @@ class ProGiDiffPipeline:
         slice_indices = list(range(b)) if slice_indices is None else list(slice_indices)
 
         text = self.encode_prompt(organs)  # [P, L, D]
-        condition = self.prepare_condition(images)  # [B, 1, S, S]
+        features = self.encode_scan(self.prepare_condition(images))  # [B, C, h, w]
         latents = self.prepare_latents(n, slice_indices, organs, seed)  # [N·B·P, C, h, w]
 
-        # Batch order is (proposal, slice, organ): repeat text over N·B, condition over organs and N.
+        # Batch order is (proposal, slice, organ): repeat text over N·B, features over organs and N.
         text = text.repeat(n * b, 1, 1)
-        condition = condition.repeat_interleave(p, dim=0).repeat(n, 1, 1, 1)
+        features = features.repeat_interleave(p, dim=0).repeat(n, 1, 1, 1)
         organ_index = torch.tensor([ORGAN_IDS[o] - 1 for o in organs], device=self.device).repeat(n * b)
-        latents = self.denoise(latents, text, condition, organ_index, steps, seed)
+        latents = self.denoise(latents, text, features, organ_index, steps, seed)
 
         probabilities = self.decode(latents)  # [N·B·P, 1, S, S]
         probabilities = from_square(probabilities, images.shape[2], images.shape[3])

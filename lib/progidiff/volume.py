@@ -54,19 +54,27 @@ class VolumeProposals:
 
 
 def slices_to_sample(pipeline: ProGiDiffPipeline, slices: torch.Tensor, organs: list[str], threshold: float,
-                     margin: int = 1, batch: int = 32) -> list[int]:
-    """Indices of the slices where the scan encoder sees any of `organs` (probability ≥ `threshold`),
-    widened by `margin` slices each way; all slices when the model cannot screen (threshold ≤ 0)."""
+                     margin: int = 1, batch: int = 32) -> dict[str, list[int]]:
+    """Per organ, the indices of the slices where the scan encoder sees it (probability ≥ `threshold`),
+    widened by `margin` slices each way; every slice when the model cannot screen (threshold ≤ 0)."""
     z = slices.shape[0]
     if threshold <= 0 or not pipeline.can_screen:
-        return list(range(z))
+        return {organ: list(range(z)) for organ in organs}
     presence = torch.cat([pipeline.organ_presence(slices[i : i + batch], organs) for i in range(0, z, batch)])
-    hit = (presence >= threshold).any(dim=1)
+    hit = presence >= threshold  # [Z, P]
     widened = hit.clone()
     for shift in range(1, margin + 1):
         widened[shift:] |= hit[:-shift]
         widened[:-shift] |= hit[shift:]
-    return [int(i) for i in torch.nonzero(widened).flatten()]
+    return {organ: [int(i) for i in torch.nonzero(widened[:, p]).flatten()] for p, organ in enumerate(organs)}
+
+
+def _organs_by_slices(wanted: dict[str, list[int]]) -> dict[tuple[int, ...], list[str]]:
+    """Organs that need the same slices are sampled together (one batch covers all of them)."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for organ, indices in wanted.items():
+        groups.setdefault(tuple(indices), []).append(organ)
+    return groups
 
 
 def segment_volume(
@@ -82,9 +90,9 @@ def segment_volume(
 ) -> VolumeProposals:
     """`volume` [X, Y, Z] (RAS, model spacing) → N proposals per organ for every axial slice.
 
-    With `screen_threshold` > 0, only slices where the scan encoder sees a requested organ (and their
-    neighbours) are sampled; the others are background in every proposal.  A sampled slice's proposals
-    are the same either way (its noise depends on its own index only).
+    With `screen_threshold` > 0, an organ is sampled only on the slices where the scan encoder sees it
+    (and their neighbours); elsewhere it is background in every proposal.  A sampled slice's proposals
+    are the same either way (its noise depends on its own index and organ only).
     """
     start = time.time()
     volume = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
@@ -94,17 +102,21 @@ def segment_volume(
     probabilities = torch.zeros(num_proposals, len(organs), x, y, z, dtype=torch.float16)
     slices = volume.permute(2, 0, 1)[:, None]  # [Z, 1, X, Y]
     wanted = slices_to_sample(pipeline, slices, organs, screen_threshold)
-    if len(wanted) < z:
-        logger.info("screening: %d of %d slices can hold %s", len(wanted), z, ", ".join(organs))
-    for first in range(0, len(wanted), slice_batch):
-        chunk = wanted[first : first + slice_batch]
-        out = pipeline(slices[chunk], organs, num_proposals, steps, seed, slice_indices=chunk)
-        probabilities[..., chunk] = out.probabilities.permute(0, 2, 3, 4, 1).to(torch.float16)
-        done = first + len(chunk)
-        logger.info("sampled slices %d/%d (%d organs × %d proposals, %.1f s)", done, len(wanted), len(organs),
-                    num_proposals, time.time() - start)
-        if progress is not None:
-            progress(done, len(wanted))
+    total, done = sum(len(v) for v in wanted.values()), 0
+    if total < z * len(organs):
+        logger.info("screening: %s", ", ".join(f"{o} {len(v)}/{z} slices" for o, v in wanted.items()))
+    for indices, group in _organs_by_slices(wanted).items():
+        channels = [organs.index(o) for o in group]
+        for first in range(0, len(indices), slice_batch):
+            chunk = list(indices[first : first + slice_batch])
+            out = pipeline(slices[chunk], group, num_proposals, steps, seed, slice_indices=chunk)
+            for j, channel in enumerate(channels):
+                probabilities[:, channel, ..., chunk] = out.probabilities[:, :, j].permute(0, 2, 3, 1).to(torch.float16)
+            done += len(chunk) * len(group)
+            logger.info("sampled %d/%d slice-organs (%s × %d proposals, %.1f s)", done, total, ", ".join(group),
+                        num_proposals, time.time() - start)
+            if progress is not None:
+                progress(done, total)
     return VolumeProposals(organs, probabilities, seed, steps, time.time() - start)
 
 
