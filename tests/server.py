@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -46,7 +47,8 @@ class Server:
                "MONAI_LABEL_TRACKING_ENABLED": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **self.extra_env}
         self.log = open(self.log_path, "w")
-        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
+                                        start_new_session=True)  # its own process group: `kill` reaches its children
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -68,6 +70,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self.log.close()
+
+    def kill(self) -> None:
+        """SIGKILL the server and every process it started (training runs in a child process), as a crash would."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def wait_for_task(self, kind: str, timeout: float = 600) -> dict:
         """Poll MONAI Label's status of the latest background `kind` task ("train", "scoring") until it ends."""

@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from conftest import save_awake_tiny_model
+from dicom_series import write_series
 from server import ROOT, Server, copy_studies
 
 SAMPLE = ROOT / "sample-datasets" / "ct"
@@ -27,9 +28,18 @@ def server(tmp_path_factory):
     (studies / "truncated.nii.gz").write_bytes(good[: len(good) // 3])
     nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), studies / "flat2d.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((32, 32, 8, 3), np.int16), np.eye(4)), studies / "four_d.nii.gz")
-    # 300 × 300 × 200 at 1 mm: fine for one organ, far above the limit below for all organs × 10 proposals.
+    # 300 × 300 × 200 at 1 mm: fine for one organ; for all organs × 10 proposals ~2 GiB, above the limit below.
     nib.save(nib.Nifti1Image(np.full((300, 300, 200), -1000, np.int16), np.eye(4)), studies / "large.nii.gz")
-    conf = {"model_path": str(work / "model"), "num_proposals": "2", "steps": "1", "max_memory_gb": "2"}
+    # DICOM folders that are not one complete series: a slice missing, two series mixed.
+    volume = np.asarray(nib.load(studies / "phantom_000.nii.gz").dataobj)[:, :, :12]
+    dicom = work / "dicom"
+    (write_series(volume, 3.0, (0.0, 0.0, 0.0), dicom / "gap") / "slice_0005.dcm").unlink()
+    write_series(volume, 3.0, (0.0, 0.0, 0.0), dicom / "mixed")
+    write_series(volume[:, :, :6], 3.0, (0.0, 0.0, 1.5), dicom / "other")
+    for file in (dicom / "other").iterdir():
+        file.rename(dicom / "mixed" / f"other_{file.name}")
+    conf = {"model_path": str(work / "model"), "num_proposals": "2", "steps": "1", "max_memory_gb": "1.5",
+            "image_roots": str(dicom)}
     with Server(studies, conf, work) as running:
         yield running
 
@@ -55,9 +65,13 @@ def datastore_state(server: Server) -> dict:
         ("truncated", 400, "could not read the image"),
         ("flat2d", 400, "3D image"),
         ("four_d", 400, "single-channel 3D image"),
+        ("dicom:gap", 400, "misses about 1 slice(s): a gap of 6.0 mm"),
+        ("dicom:mixed", 400, "mixes 2 DICOM series"),
     ],
 )
 def test_bad_images_get_a_clear_4xx(server, image, status, fragment):
+    if image.startswith("dicom:"):
+        image = str(server.workdir / "dicom" / image.split(":")[1])
     before = datastore_state(server)
     response = infer(server, image)
     assert response.status_code == status, response.text
@@ -90,7 +104,7 @@ def test_bad_parameters_get_400(server, params, fragment):
 def test_an_image_too_large_for_the_memory_limit_is_refused_with_the_reason(server):
     response = infer(server, "large", {"prompt": "all organs", "num_proposals": 10})
     assert response.status_code == 400, response.text
-    assert "max_memory_gb=2" in response.json()["detail"]
+    assert "max_memory_gb=1.5" in response.json()["detail"]
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,17 @@
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
-from conftest import wake_control_branch
+from conftest import tiny_config, wake_control_branch
+from progidiff import lora
+from progidiff.io_utils import published_folders, recover_directories
 from progidiff.model import ProGiDiffModel
 from progidiff.pipeline import ProGiDiffPipeline
 
@@ -45,3 +55,46 @@ def test_a_publish_killed_between_renames_is_recovered(small_model, tmp_path):
     small_model.save_pretrained(tmp_path / "model")
     (tmp_path / "model").rename(tmp_path / ".model.old")  # the state right after the first rename
     assert ProGiDiffModel.from_pretrained(tmp_path / "model").config == small_model.config
+
+
+def _marker_versions(model: ProGiDiffModel) -> set[float]:
+    state = model.state_dict()
+    return {float(state[name].unique().item()) for name in ("unet.conv_in.bias", "controlnet.conv_in.bias")}
+
+
+def test_sigkill_during_publishes_always_leaves_one_complete_version(tmp_path):
+    """A real process publishing model and adapter in a loop is SIGKILLed at random moments; after each kill
+    (and the start-up recovery the server does) both load, and the model is one version, never a mix."""
+    publisher = Path(__file__).with_name("publish_forever.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(publisher.parent), os.environ.get("PYTHONPATH", "")])}
+    rng = random.Random(0)
+    left_mid_write = 0
+    for _ in range(4):
+        process = subprocess.Popen([sys.executable, str(publisher), str(tmp_path)], stdout=subprocess.PIPE, env=env)
+        assert process.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.3, 1.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        left_mid_write += any(p.name.startswith((".model.", ".mr.")) for p in tmp_path.rglob(".*"))
+
+        recover_directories(tmp_path / "adapters")  # what the server does at start-up
+        model = ProGiDiffModel.from_pretrained(tmp_path / "model")
+        versions = _marker_versions(model)
+        assert len(versions) == 1 and min(versions) >= 1, f"a mix of versions {versions}"
+        assert [f.name for f in published_folders(tmp_path / "adapters", lora.ADAPTER_CONFIG)] == ["mr"]
+        fresh = ProGiDiffModel.from_config(tiny_config())
+        lora.load_adapter(fresh, tmp_path / "adapters" / "mr", "mr")
+        adapter_values = {float(p.unique().item()) for n, p in fresh.named_parameters() if "lora_B" in n}
+        assert len(adapter_values) == 1 and min(adapter_values) >= 1
+    assert left_mid_write, "no kill landed in the middle of a publish: the test did not exercise the fault"
+
+
+def test_adapter_listing_skips_the_folders_a_publish_works_in(tmp_path):
+    for name in ("mr", ".mr.new-abc", ".mr.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / lora.ADAPTER_CONFIG).write_text("{}")
+    assert published_folders(tmp_path, lora.ADAPTER_CONFIG) == [tmp_path / "mr"]
+    (tmp_path / "mr").rename(tmp_path / "gone")
+    (tmp_path / "gone" / lora.ADAPTER_CONFIG).unlink()
+    recover_directories(tmp_path)  # "mr" was renamed aside and never replaced: the old one comes back
+    assert published_folders(tmp_path, lora.ADAPTER_CONFIG) == [tmp_path / "mr"]

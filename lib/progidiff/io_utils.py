@@ -31,18 +31,22 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
     The old folder is first renamed aside and removed only after the new one is in place, so at
     every instant one complete version exists on disk (`recover_directory` undoes an interrupted swap).
+    One writer per folder at a time (MONAI Label runs one training task at a time).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))
     try:
         yield tmp
+        recover_directory(path)  # an earlier swap killed between its renames: its old folder is the only version
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
+        for stale in path.parent.glob(f".{path.name}.new-*"):  # left by publishes that were killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -54,3 +58,14 @@ def recover_directory(path: str | Path) -> Path:
     if not path.exists() and old.is_dir():
         os.replace(old, path)
     return path
+
+
+def recover_directories(parent: str | Path) -> None:
+    """`recover_directory` for every folder under `parent` (e.g. one adapter per modality)."""
+    for old in Path(parent).glob(".*.old"):
+        recover_directory(old.with_name(old.name[1 : -len(".old")]))
+
+
+def published_folders(parent: str | Path, marker: str) -> list[Path]:
+    """The folders under `parent` that hold `marker`, leaving out the hidden ones a swap works in."""
+    return sorted(f.parent for f in Path(parent).glob(f"*/{marker}") if not f.parent.name.startswith("."))

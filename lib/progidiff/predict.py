@@ -3,28 +3,27 @@ NIfTI file or DICOM series into the model's frame with MONAI, sample, and map re
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
 from .baseline import BaselineSegmenter, is_baseline_folder
 from .pipeline import ProGiDiffPipeline
-from .volume import VolumeProposals, loading_transforms, segment_volume
+from .volume import VolumeProposals, loading_transforms, reading_error, segment_volume
 
 
 class Predictor:
     """One interface over both kinds of model folder: `segment(volume, organs, ...) -> VolumeProposals`."""
 
     def __init__(self, model_dir: str | Path, scheduler: str = "ddim", device: str | None = None,
-                 screen_threshold: float = 0.0):
+                 screen_threshold: float = 0.0, slice_batch: int = 8):
         self.model_dir = Path(model_dir)
         self.screen_threshold = screen_threshold
+        self.slice_batch = slice_batch
         if is_baseline_folder(self.model_dir):
             self.baseline: BaselineSegmenter | None = BaselineSegmenter.from_pretrained(self.model_dir)
             self.pipeline = None
@@ -43,7 +42,7 @@ class Predictor:
 
     def segment(self, volume: torch.Tensor, organs: list[str], proposals: int, steps: int, seed: int) -> VolumeProposals:
         if self.pipeline is not None:
-            return segment_volume(self.pipeline, volume, organs, proposals, steps, seed,
+            return segment_volume(self.pipeline, volume, organs, proposals, steps, seed, slice_batch=self.slice_batch,
                                   screen_threshold=self.screen_threshold)
         start = time.time()
         slices = torch.as_tensor(volume, dtype=torch.float32).permute(2, 0, 1)[:, None]
@@ -67,18 +66,15 @@ class LoadedVolume:
     def voxel_spacing(self) -> tuple[float, float, float]:
         return tuple(float(v) for v in self.image.pixdim[:3])
 
-    def to_input_geometry(self, channels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """[C, X, Y, Z] in the model frame → (array [C, ...] in the file's geometry, its affine)."""
-        out = MetaTensor(channels.float(), affine=self.image.affine, meta=copy.deepcopy(self.image.meta))
-        out.applied_operations = copy.deepcopy(self.image.applied_operations)
-        inverted = self.transform.inverse({"image": out})["image"]
-        return np.asarray(inverted), np.asarray(inverted.affine, dtype=np.float64)
-
 
 def load_volume(path: str | Path, spacing_mm: float, label: str | Path | None = None) -> LoadedVolume:
     """Read with MONAI (NIfTI, NRRD or a DICOM series folder) into RAS at the model's in-plane spacing."""
     keys = ["image"] + (["label"] if label is not None else [])
     transform = mt.Compose(loading_transforms(keys, spacing_mm, label_keys=("label",)))
     data = {"image": str(path)} | ({"label": str(label)} if label is not None else {})
-    return LoadedVolume(transform(data), transform)
+    try:
+        return LoadedVolume(transform(data), transform)
+    except RuntimeError as error:
+        cause = reading_error(error)
+        raise ValueError(f"could not read {path}: {cause}") from cause
 

@@ -17,20 +17,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .labels import ORGAN_IDS
 from .montage import save_montage
 from .phantoms import save_nifti
 from .predict import Predictor, load_volume
+from .outputs import maps_in_input_geometry
 from .prompts import parse_prompt
-from .volume import (
-    DEFAULT_SCREEN_THRESHOLD,
-    consensus_label_map,
-    organ_statistics,
-    proposal_channels,
-    split_proposal_channels,
-)
+from .volume import DEFAULT_SCREEN_THRESHOLD, organ_statistics
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,13 +48,12 @@ def segment(args: argparse.Namespace) -> dict:
     loaded = load_volume(args.image, predictor.spacing_mm)
     proposals = predictor.segment(loaded.image[0].as_tensor(), organs, args.proposals, args.steps, args.seed)
     n = proposals.num_proposals
-    restored, affine = loaded.to_input_geometry(proposal_channels(proposals))
-    mean, std, per_proposal = split_proposal_channels(torch.from_numpy(restored), n, len(organs))
+    maps = maps_in_input_geometry(proposals, loaded.image, loaded.transform)
     args.out.mkdir(parents=True, exist_ok=True)
-    save_nifti(consensus_label_map(mean, organs).numpy(), affine, args.out / "consensus.nii.gz")
-    for k in range(n):
-        save_nifti(consensus_label_map(per_proposal[k], organs).numpy(), affine, args.out / f"proposal_{k}.nii.gz")
-    save_nifti(std.max(dim=0).values.numpy().astype(np.float32), affine, args.out / "uncertainty.nii.gz")
+    save_nifti(maps.consensus, maps.affine, args.out / "consensus.nii.gz")
+    for k, proposal in enumerate(maps.proposals):
+        save_nifti(proposal, maps.affine, args.out / f"proposal_{k}.nii.gz")
+    save_nifti(maps.uncertainty, maps.affine, args.out / "uncertainty.nii.gz")
     image = np.asarray(loaded.image[0])
     for i, organ in enumerate(organs):
         probabilities = proposals.organ_probabilities(i).numpy()

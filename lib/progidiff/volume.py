@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from monai import transforms as mt
 
+from .dicom_check import CheckDicomSeriesd
 from .labels import ORGAN_IDS
 from .pipeline import ProGiDiffPipeline
 from .proposals import summarise
@@ -28,13 +29,23 @@ DEFAULT_SCREEN_THRESHOLD = 0.05
 
 def loading_transforms(keys: str | list[str] = "image", spacing: float | None = None, label_keys: tuple = ()) -> list:
     """MONAI transforms that bring a NIfTI/NRRD file or DICOM series folder into the model's frame
-    (RAS, `spacing` mm in-plane, slice spacing kept); `label_keys` are resampled nearest-neighbour."""
+    (RAS, `spacing` mm in-plane, slice spacing kept); `label_keys` are resampled nearest-neighbour.
+    A DICOM folder must hold one complete series (`CheckDicomSeriesd`)."""
     keys = [keys] if isinstance(keys, str) else list(keys)
-    steps: list = [mt.LoadImaged(keys), mt.EnsureChannelFirstd(keys), mt.Orientationd(keys, axcodes="RAS")]
+    steps: list = [CheckDicomSeriesd(keys), mt.LoadImaged(keys), mt.EnsureChannelFirstd(keys),
+                   mt.Orientationd(keys, axcodes="RAS")]
     if spacing:
         modes = tuple("nearest" if k in label_keys else "bilinear" for k in keys)
         steps.append(mt.Spacingd(keys, pixdim=(spacing, spacing, -1), mode=modes))
     return steps
+
+
+def reading_error(error: BaseException) -> BaseException:
+    """The error that says what is wrong with a file: MONAI wraps a transform's own error in
+    RuntimeError("applying transform ..."), possibly several times."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
 
 
 @dataclass
@@ -118,25 +129,6 @@ def segment_volume(
             if progress is not None:
                 progress(done, total)
     return VolumeProposals(organs, probabilities, seed, steps, time.time() - start)
-
-
-def proposal_channels(proposals: VolumeProposals) -> torch.Tensor:
-    """[mean (P), std (P), each proposal (N·P)] as one [C, X, Y, Z] tensor, so that a single inverse
-    transform maps all of them back to the input's geometry (see `split_proposal_channels`)."""
-    each = proposals.probabilities.float()  # [N, P, X, Y, Z]
-    return torch.cat([each.mean(0), each.std(0, unbiased=False), each.flatten(0, 1)])
-
-
-def split_proposal_channels(values: torch.Tensor, n: int, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of `proposal_channels`: (mean [P, ...], std [P, ...], each [N, P, ...])."""
-    return values[:p], values[p : 2 * p], values[2 * p :].reshape(n, p, *values.shape[1:])
-
-
-def consensus_label_map(probability: torch.Tensor, organs: list[str]) -> torch.Tensor:
-    """Per-organ probabilities [P, ...] → uint8 map with schema values; a voxel takes its most likely organ ≥ 0.5."""
-    best, index = probability.max(dim=0)
-    values = torch.tensor([ORGAN_IDS[o] for o in organs], dtype=torch.uint8)
-    return torch.where(best >= 0.5, values[index], torch.zeros((), dtype=torch.uint8))
 
 
 def organ_statistics(proposals: VolumeProposals, voxel_ml: float) -> dict[str, dict]:

@@ -24,25 +24,20 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.transforms import Compose
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.infers.params import InferParams, bad_request, parse_params
 from progidiff import lora
+from progidiff.io_utils import published_folders, recover_directories, recover_directory
 from progidiff.labels import ORGAN_IDS
 from progidiff.modality import resolve_modality
 from progidiff.model import CONFIG_NAME, ProGiDiffModel
 from progidiff.pipeline import ProGiDiffPipeline, prompt_encoder_for
-from progidiff.volume import (
-    VolumeProposals,
-    consensus_label_map,
-    loading_transforms,
-    organ_statistics,
-    proposal_channels,
-    segment_volume,
-    split_proposal_channels,
-)
+from progidiff.outputs import InputGeometryMaps, bytes_needed, input_voxels, maps_in_input_geometry
+from progidiff.volume import VolumeProposals, loading_transforms, organ_statistics, reading_error, segment_volume
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +79,10 @@ class ProGiDiffInfer(BasicInferTask):
         self._sampling_lock = threading.Lock()
         self._pipeline: tuple[str, ProGiDiffPipeline] | None = None
         self._results: OrderedDict[tuple, VolumeProposals] = OrderedDict()
+        # A publish killed between its two renames (server killed mid-publish) left the previous version aside:
+        # put it back now, at start-up, before any request looks for it.
+        recover_directory(self.model_dir)
+        recover_directories(self.adapters_dir)
 
     # ---- model ---------------------------------------------------------------------------------
     def is_valid(self) -> bool:
@@ -104,9 +103,9 @@ class ProGiDiffInfer(BasicInferTask):
         else:
             model = os.stat(self.model_dir / CONFIG_NAME).st_mtime_ns
         adapters = []
-        for config in sorted(self.adapters_dir.glob(f"*/{lora.ADAPTER_CONFIG}")):
+        for folder in published_folders(self.adapters_dir, lora.ADAPTER_CONFIG):
             with contextlib.suppress(FileNotFoundError):  # being replaced right now: the next request sees it
-                adapters.append(f"{config.parent.name}:{config.stat().st_mtime_ns}")
+                adapters.append(f"{folder.name}:{(folder / lora.ADAPTER_CONFIG).stat().st_mtime_ns}")
         return ";".join([f"model:{model}", *adapters])
 
     def pipeline(self) -> ProGiDiffPipeline:
@@ -127,9 +126,9 @@ class ProGiDiffInfer(BasicInferTask):
             version = self.model_version()
             try:
                 model = ProGiDiffModel.from_pretrained(self.model_dir)
-                for config in sorted(self.adapters_dir.glob(f"*/{lora.ADAPTER_CONFIG}")):
-                    lora.load_adapter(model, config.parent, config.parent.name)
-                    logger.info("loaded the %s adapter from %s", config.parent.name, config.parent)
+                for folder in published_folders(self.adapters_dir, lora.ADAPTER_CONFIG):
+                    lora.load_adapter(model, folder, folder.name)
+                    logger.info("loaded the %s adapter from %s", folder.name, folder)
                 return version, ProGiDiffPipeline(
                     model,
                     prompt_encoder_for(model, self.model_dir),
@@ -161,16 +160,18 @@ class ProGiDiffInfer(BasicInferTask):
         return loading_transforms(self.input_key, spacing)
 
     def run_pre_transforms(self, data: dict[str, Any], transforms):
+        data["progidiff_pre_transforms"] = transforms  # `finish` undoes them on the outputs, a few channels at a time
         try:
             return super().run_pre_transforms(data, transforms)
         except Exception as error:  # noqa: BLE001 - whatever the reader says, the file is not a usable image
+            error = reading_error(error)
             raise bad_request(
-                f"could not read the image ({type(error).__name__}: {str(error)[:200]}); accepted: a NIfTI (.nii, "
+                f"could not read the image ({type(error).__name__}: {str(error)[:400]}); accepted: a NIfTI (.nii, "
                 ".nii.gz) or NRRD file holding one 3D volume, or a folder holding one DICOM series"
             ) from None
 
     def inverse_transforms(self, data=None):
-        return []  # undo every invertible pre-transform (spacing, orientation) on the prediction
+        return None  # `finish` brings the outputs back to the input's geometry itself, in bounded memory
 
     def post_transforms(self, data=None):
         return [self.finish]
@@ -184,9 +185,7 @@ class ProGiDiffInfer(BasicInferTask):
         modality = resolve_modality(params.modality, data.get("image_path", ""), image[0].numpy())
         adapter = modality[0].lower() if modality[0].lower() in lora.adapter_names(self.pipeline().model) else None
         proposals = self._proposals(data, params, adapter)
-        pred = MetaTensor(proposal_channels(proposals), affine=image.affine, meta=copy.deepcopy(image.meta))
-        pred.applied_operations = copy.deepcopy(image.applied_operations)
-        data["pred"] = pred
+        data["progidiff_proposals"] = proposals
         voxel_ml = float(torch.as_tensor(image.pixdim[:3]).prod()) / 1000.0
         data["progidiff_stats"] = organ_statistics(proposals, voxel_ml)
         data["progidiff_seconds"] = proposals.seconds
@@ -197,18 +196,18 @@ class ProGiDiffInfer(BasicInferTask):
     def _check_memory(self, image: MetaTensor, params: InferParams) -> None:
         """Refuse, before sampling, a request whose outputs would not fit in `max_memory_gb`.
 
-        What it holds at once: the proposals in the model's frame (float16, N × P) and the channel stack
-        [mean, std, each proposal] (float32, 2P + N·P) in the model's frame and again in the input's.
+        What it holds at once: the proposals in the model's frame (float16, N × P channels) and, while they
+        are brought back to the input's geometry a few channels at a time, what `bytes_needed` counts.
         """
         n, p = params.num_proposals, len(params.organs)
         model_voxels = int(np.prod(image.shape[1:]))
-        input_voxels = int(np.prod(image.meta.get("spatial_shape", image.shape[1:])))
-        needed = n * p * model_voxels * 2 + (2 * p + n * p) * (model_voxels + input_voxels) * 4
+        voxels = input_voxels(image)
+        needed = n * p * model_voxels * 2 + bytes_needed(n, p, voxels)
         limit = self.settings.max_memory_gb * 2**30
         if needed > limit:
             raise bad_request(
                 f"this request needs about {needed / 2**30:.1f} GiB ({n} proposals × {p} organs on an image of "
-                f"{input_voxels / 1e6:.0f} M voxels) and the server's limit is max_memory_gb={self.settings.max_memory_gb:g}; "
+                f"{voxels / 1e6:.0f} M voxels) and the server's limit is max_memory_gb={self.settings.max_memory_gb:g}; "
                 "ask for fewer organs or proposals, or crop the image"
             )
 
@@ -247,17 +246,14 @@ class ProGiDiffInfer(BasicInferTask):
     def finish(self, data: dict[str, Any]) -> dict[str, Any]:
         """Consensus (or proposal k) as the returned label; proposals and maps into the datastore."""
         params: InferParams = data["progidiff"]
-        organs, n, p = list(params.organs), params.num_proposals, len(params.organs)
-        stacked = data["pred"]
-        affine = np.asarray(stacked.affine, dtype=np.float64)
-        values = torch.as_tensor(np.asarray(stacked), dtype=torch.float32)
-        mean, std, each = split_proposal_channels(values, n, p)
-        consensus = consensus_label_map(mean, organs)
-        proposals = [consensus_label_map(each[k], organs) for k in range(n)]
-        chosen = proposals[params.proposal] if params.proposal is not None else consensus
+        organs, n = list(params.organs), params.num_proposals
+        maps = maps_in_input_geometry(data.pop("progidiff_proposals"), data[self.input_key],
+                                      Compose(data.pop("progidiff_pre_transforms")), self.input_key)
+        chosen = maps.proposals[params.proposal] if params.proposal is not None else maps.consensus
 
-        stored = self._store_outputs(data, proposals, mean, std, affine)
-        data["pred"] = MetaTensor(chosen, affine=torch.as_tensor(affine))  # the writer takes the affine from here
+        stored = self._store_outputs(data, maps)
+        # the writer takes the affine from here
+        data["pred"] = MetaTensor(torch.from_numpy(chosen), affine=torch.as_tensor(maps.affine))
         if not data.get("result_extension"):
             data["result_extension"] = ".nii.gz"
         data["result"] = {
@@ -289,23 +285,21 @@ class ProGiDiffInfer(BasicInferTask):
                 return image_id
         return None
 
-    def _store_outputs(self, data, proposals, mean, std, affine) -> list[str]:
+    def _store_outputs(self, data: dict[str, Any], maps: InputGeometryMaps) -> list[str]:
         image_id = self._image_id(data)
         if image_id is None:
             return []
         params: InferParams = data["progidiff"]
-        best = mean.max(dim=0).values
-        uncertainty = std.max(dim=0).values
-        outputs = {f"proposal_{k}": (m.numpy(), np.uint8) for k, m in enumerate(proposals)}
-        outputs["probability"] = (best.numpy(), np.float32)
-        outputs["uncertainty"] = (uncertainty.numpy(), np.float32)
+        outputs = {f"proposal_{k}": m for k, m in enumerate(maps.proposals)}
+        outputs["probability"] = maps.probability
+        outputs["uncertainty"] = maps.uncertainty
         info = {"prompt": params.prompt, "organs": list(params.organs), "seed": params.seed, "steps": params.steps,
                 "label_names": {o: ORGAN_IDS[o] for o in params.organs}}
         datastore = self.datastore()
         with tempfile.TemporaryDirectory() as tmp:
-            for tag, (array, dtype) in outputs.items():
+            for tag, array in outputs.items():
                 path = os.path.join(tmp, f"{image_id}.nii.gz")
-                nib.save(nib.Nifti1Image(array.astype(dtype), affine), path)
+                nib.save(nib.Nifti1Image(array, maps.affine), path)
                 datastore.save_label(image_id, path, tag, {**info, "tag": tag})
         return list(outputs)
 
