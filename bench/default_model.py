@@ -1,7 +1,7 @@
 """Benchmark: the default ProGiDiff model next to the deterministic baseline, on held-out real CT slices
 and on fresh phantoms, through the evaluate CLI.  Prints a Markdown table and saves JSON.
 
-    .venv/bin/python bench/default_model.py --model model/progidiff_ct --baseline runs/baseline/model \\
+    .venv/bin/python bench/default_model.py --model model/progidiff_ct --baseline model/baseline_ct \\
         --out bench/results/default_model.json
 
 The real-CT rows need ../shared/data/ct_a (slices 10-17 are held out of training); they are skipped,
@@ -38,7 +38,7 @@ def cases(tmp: Path, phantom_seeds: list[int]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "model" / "progidiff_ct")
-    parser.add_argument("--baseline", type=Path, required=True)
+    parser.add_argument("--baseline", type=Path, default=ROOT / "model" / "baseline_ct")
     parser.add_argument("--proposals", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--phantom-seeds", default="9000,9001")

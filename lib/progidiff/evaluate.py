@@ -25,7 +25,7 @@ from .montage import save_montage
 from .predict import Predictor, load_volume
 from .prompts import parse_prompt
 from .train import parse_range
-from .volume import DEFAULT_SCREEN_THRESHOLD
+from .volume import DEFAULT_SCREEN_THRESHOLD, VolumeProposals
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,21 +50,11 @@ def _finite_or_none(value: float) -> float | None:
     return round(value, 2) if np.isfinite(value) else None
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    start = time.time()
-    predictor = Predictor(args.model, scheduler=args.scheduler, screen_threshold=args.screen_threshold)
-    organs = parse_prompt(args.organs, known=tuple(predictor.organs) or tuple(ORGAN_IDS))
-    loaded = load_volume(args.image, predictor.spacing_mm, label=args.label)
-    image = loaded.image[0]
-    label = np.asarray(loaded.data["label"][0]).astype(np.int64)
-    if args.label_map != "schema":
-        label = to_schema(label, load_class_map(args.label_map, args.label))
-    zs = args.slices or range(image.shape[2])
-    image, label = image[:, :, zs.start : zs.stop], label[:, :, zs.start : zs.stop]
-    proposals = predictor.segment(image.as_tensor(), organs, args.proposals, args.steps, args.seed)
-    spacing = loaded.voxel_spacing
+def score_proposals(proposals: VolumeProposals, label: np.ndarray, spacing: tuple[float, ...]) -> dict[str, dict]:
+    """Per organ: Dice of the consensus, of the best and the mean proposal, and the consensus's HD95 (mm)
+    against `label` (schema values, same grid as the proposals)."""
     per_organ = {}
-    for p, organ in enumerate(organs):
+    for p, organ in enumerate(proposals.organs):
         reference = label == ORGAN_IDS[organ]
         probabilities = proposals.organ_probabilities(p).numpy()
         masks = probabilities >= 0.5
@@ -77,9 +67,27 @@ def evaluate(args: argparse.Namespace) -> dict:
             "hd95_consensus": _finite_or_none(hd95(consensus, reference, spacing)),
             "reference_voxels": int(reference.sum()),
         }
+    return per_organ
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    start = time.time()
+    predictor = Predictor(args.model, scheduler=args.scheduler, screen_threshold=args.screen_threshold)
+    organs = parse_prompt(args.organs, known=tuple(predictor.organs) or tuple(ORGAN_IDS))
+    loaded = load_volume(args.image, predictor.spacing_mm, label=args.label)
+    image = loaded.image[0]
+    label = np.asarray(loaded.data["label"][0]).astype(np.int64)
+    if args.label_map != "schema":
+        label = to_schema(label, load_class_map(args.label_map, args.label))
+    zs = args.slices or range(image.shape[2])
+    image, label = image[:, :, zs.start : zs.stop], label[:, :, zs.start : zs.stop]
+    proposals = predictor.segment(image.as_tensor(), organs, args.proposals, args.steps, args.seed)
+    per_organ = score_proposals(proposals, label, loaded.voxel_spacing)
+    for p, organ in enumerate(organs):
         if p == 0 or organ == "liver":
+            probabilities = proposals.organ_probabilities(p).numpy()
             save_montage(args.out.with_name(f"{args.out.stem}_{organ}.png"), np.asarray(image), probabilities,
-                         probabilities.std(axis=0), reference, title=f"{args.model.name}: {organ}")
+                         probabilities.std(axis=0), label == ORGAN_IDS[organ], title=f"{args.model.name}: {organ}")
     result = {
         "model": str(args.model),
         "model_kind": predictor.kind,

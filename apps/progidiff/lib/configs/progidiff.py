@@ -32,7 +32,7 @@ class AppSettings:
     model_path: str = ""
     num_proposals: int = 5
     max_proposals: int = 10
-    steps: int = 10
+    steps: int = 5  # 5 DDIM steps score as 10 and 50 on held-out real CT (bench/README.md, bench/run.py)
     scheduler: str = "ddim"
     device: str = "auto"
     precision: str = "auto"
