@@ -1,10 +1,14 @@
 """Bad input over real HTTP gets a 4xx that says what is wrong, the server stays up, the datastore is unchanged;
-concurrent requests give the same answers as sequential ones."""
+concurrent requests give the same answers as sequential ones; a server killed mid-training restarts on the last
+published model and adapters."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
@@ -12,8 +16,10 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import save_awake_tiny_model
+from conftest import save_awake_tiny_model, tiny_config
 from dicom_series import write_series
+from progidiff import lora
+from progidiff.model import CONTROL_WEIGHTS, ProGiDiffModel
 from server import ROOT, Server, copy_studies
 
 SAMPLE = ROOT / "sample-datasets" / "ct"
@@ -173,3 +179,45 @@ def test_an_image_uploaded_with_the_infer_request_is_accepted(server):
     response = requests.post(f"{server.url}/infer/progidiff", params={"output": "json"}, files=upload, timeout=600)
     assert response.status_code == 200, response.text
     assert response.json()["organs"] == ["liver"]
+
+
+def test_server_killed_during_training_restarts_on_the_last_published_model_and_adapter(tmp_path):
+    """SIGKILL the whole server (its training process too) while training publishes every better epoch; a new
+    server on the same folders loads the last published model and the MR adapter, and answers."""
+    model_dir = save_awake_tiny_model(tmp_path / "models" / "ct")
+    adapted = ProGiDiffModel.from_config(tiny_config())
+    lora.add_adapter(adapted, "mr", lora.LoraSettings(rank=4))
+    lora.save_adapter(adapted, "mr", tmp_path / "models" / "adapters" / "mr", lora.LoraSettings(rank=4))
+    studies = copy_studies(SAMPLE, tmp_path / "studies")
+    shutil.copy(ROOT / "sample-datasets" / "mr" / "phantom_001_mr.nii.gz", studies)
+    conf = {"model_path": str(model_dir), "train_dir": str(tmp_path / "runs"), "num_proposals": "2", "steps": "1"}
+    weights = model_dir / "controlnet" / CONTROL_WEIGHTS
+
+    def digest(default: str = "") -> str:
+        try:
+            return hashlib.sha256(weights.read_bytes()).hexdigest()
+        except FileNotFoundError:  # between the two renames of a publish
+            return default
+
+    first = digest()
+    with Server(studies, conf, tmp_path) as server:
+        try:
+            response = requests.post(f"{server.url}/train/progidiff", timeout=60, json={
+                "max_epochs": 500, "train_batch_size": 4, "val_proposals": 1, "val_steps": 1, "learning_rate": 1e-3})
+            assert response.status_code == 200, response.text
+            deadline = time.time() + 300
+            while digest(first) == first:  # this run's first publish
+                assert time.time() < deadline, f"training did not publish:\n{server.log_tail()}"
+                time.sleep(0.5)
+            time.sleep(1.7)  # somewhere in a later epoch, perhaps mid-publish
+        finally:
+            server.kill()
+
+    with Server(studies, conf, tmp_path) as restarted:
+        ct = infer(restarted, "phantom_000")
+        mr = infer(restarted, "phantom_001_mr")
+        assert ct.status_code == 200 and mr.status_code == 200, ct.text + mr.text
+        assert (ct.json()["adapter"], mr.json()["adapter"]) == (None, "mr")
+        assert requests.get(f"{restarted.url}/train/", timeout=30).json().get("status") != "RUNNING"
+    ProGiDiffModel.from_pretrained(model_dir)
+    assert digest() != first  # what is served is the model this run published, not the one it started from
