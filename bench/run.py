@@ -90,14 +90,17 @@ class Peak:
         self.mb, self.grew_mb = peak / 2**20, (peak - start) / 2**20
 
 
-def other_precision(pipeline: ProGiDiffPipeline) -> torch.dtype | None | str:
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # autocast dtype → name
+
+
+def other_precisions(pipeline: ProGiDiffPipeline) -> list[torch.dtype | None]:
     """The precision the pipeline does not use, to measure beside it: fp32 on a GPU; on a CPU bf16 where the
-    CPU computes it natively (AVX512-BF16 or AMX), else "skip" (emulated bf16 is many times slower)."""
+    CPU computes it natively (AVX512-BF16 or AMX), else none (emulated bf16 is many times slower)."""
     if pipeline.autocast is not None:
-        return None
+        return [None]
     if pipeline.device.type == "cpu" and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return "skip"
-    return torch.bfloat16
+        return []
+    return [torch.bfloat16]
 
 
 def synchronize(device: torch.device) -> None:
@@ -158,7 +161,6 @@ def levers(pipeline: ProGiDiffPipeline, slices: torch.Tensor, n: int, compile_mo
     noisy = torch.randn(batch, model.mask_channels, model.working_size, model.working_size, device=device)
     t = torch.full((batch,), 500, device=device)
     organ = torch.zeros(batch, dtype=torch.long, device=device)
-    other = other_precision(pipeline)
 
     def forward(dtype: torch.dtype | None, cached: bool = True) -> Callable[[], object]:
         """One forward pass at `dtype` (None: fp32), the slices' features computed before (cached) or inside."""
@@ -173,11 +175,10 @@ def levers(pipeline: ProGiDiffPipeline, slices: torch.Tensor, n: int, compile_mo
         return run
 
     default = pipeline.autocast
-    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    name = PRECISION_NAMES
     rows = [("scan encoder every step (before)", forward(default, cached=False)),
             (f"scan encoder once per slice ({name[default]})", forward(default))]
-    if other != "skip":
-        rows.append((f"once per slice, {name[other]}", forward(other)))
+    rows += [(f"once per slice, {name[other]}", forward(other)) for other in other_precisions(pipeline)]
     results = []
     for label, fn in rows:
         results.append({"lever": label, "batch": batch, "ms_per_sample_step": seconds(fn, device, 3) / batch * 1e3})
@@ -239,10 +240,7 @@ def volume_case(pipeline: ProGiDiffPipeline, path: Path, organs: list[str], n: i
 def steps_vs_dice(pipeline: ProGiDiffPipeline, image: torch.Tensor, label: np.ndarray, spacing, n: int,
                   step_counts: list[int], slice_batch: int) -> list[dict]:
     rows = []
-    precisions = [(s, pipeline.autocast) for s in step_counts]
-    other = other_precision(pipeline)
-    if other != "skip":
-        precisions.append((10, other))
+    precisions = [(s, pipeline.autocast) for s in step_counts] + [(10, other) for other in other_precisions(pipeline)]
     default = pipeline.autocast
     for steps, dtype in precisions:
         pipeline.autocast = dtype
@@ -251,7 +249,7 @@ def steps_vs_dice(pipeline: ProGiDiffPipeline, image: torch.Tensor, label: np.nd
                                    screen_threshold=DEFAULT_SCREEN_THRESHOLD)
         elapsed = time.perf_counter() - start
         scores = score_proposals(proposals, label, spacing)
-        rows.append({"steps": steps, "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
+        rows.append({"steps": steps, "precision": PRECISION_NAMES[dtype],
                      "seconds": elapsed, "organs": scores,
                      "mean_dice_consensus": float(np.mean([s["dice_consensus"] for s in scores.values()])),
                      "mean_dice_best": float(np.mean([s["dice_best"] for s in scores.values()]))})

@@ -14,6 +14,7 @@ from progidiff import lora
 from progidiff.io_utils import published_folders, recover_directories
 from progidiff.model import ProGiDiffModel
 from progidiff.pipeline import ProGiDiffPipeline
+from publish_forever import MARKED
 
 
 def test_round_trip_gives_identical_proposals(small_model, minilm, tmp_path):
@@ -59,7 +60,7 @@ def test_a_publish_killed_between_renames_is_recovered(small_model, tmp_path):
 
 def _marker_versions(model: ProGiDiffModel) -> set[float]:
     state = model.state_dict()
-    return {float(state[name].unique().item()) for name in ("unet.conv_in.bias", "controlnet.conv_in.bias")}
+    return {float(state[name].unique().item()) for name in MARKED}
 
 
 def test_sigkill_during_publishes_always_leaves_one_complete_version(tmp_path):

@@ -21,8 +21,8 @@ import numpy as np
 from .labels import ORGAN_IDS
 from .montage import save_montage
 from .phantoms import save_nifti
-from .predict import Predictor, load_volume
 from .outputs import maps_in_input_geometry
+from .predict import Predictor, load_volume
 from .prompts import parse_prompt
 from .volume import DEFAULT_SCREEN_THRESHOLD, organ_statistics
 
