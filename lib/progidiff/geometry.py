@@ -23,7 +23,9 @@ def to_square(images: torch.Tensor, size: int, mode: str = "bilinear") -> torch.
     if side == size:
         return images
     if mode == "nearest":
-        return F.interpolate(images.float(), size=(size, size), mode="nearest").to(images.dtype)
+        # Label maps: PyTorch's plain "nearest" picks floor(i · scale), up to a pixel off the grid that
+        # "bilinear" (align_corners=False) puts the image on; "nearest-exact" samples pixel centres as it does.
+        return F.interpolate(images.float(), size=(size, size), mode="nearest-exact").to(images.dtype)
     return F.interpolate(images.float(), size=(size, size), mode=mode, align_corners=False).to(images.dtype)
 
 
