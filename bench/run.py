@@ -201,14 +201,14 @@ def levers(pipeline: ProGiDiffPipeline, slices: torch.Tensor, n: int, compile_mo
 def batching(pipeline: ProGiDiffPipeline, slices: torch.Tensor, n: int, steps: int) -> dict:
     """The same slices × proposals sampled in one call vs one call per (slice, proposal)."""
     indices = list(range(slices.shape[0]))
-    pipeline(slices[:1], ["liver"], 1, 1, 0, slice_indices=[0])  # warm-up, small: the calls below are long
-    batched = seconds(lambda: pipeline(slices, ["liver"], n, steps, 0, slice_indices=indices), pipeline.device,
+    pipeline(slices[:1], ["liver"], 1, 1, 0)  # warm-up, small: the calls below are long
+    batched = seconds(lambda: pipeline(slices, ["liver"], n, steps, 0), pipeline.device,
                       warm_up=False)
 
     def loop():
         for i in indices:
             for k in range(n):
-                pipeline(slices[i : i + 1], ["liver"], 1, steps, k, slice_indices=[i])
+                pipeline(slices[i : i + 1], ["liver"], 1, steps, k)
 
     looped = seconds(loop, pipeline.device, warm_up=False)
     return {"slices": len(indices), "proposals": n, "steps": steps, "batched_s": batched, "loop_s": looped,

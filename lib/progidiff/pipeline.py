@@ -6,9 +6,11 @@ Shaped like diffusers' ControlNet pipeline: `check_inputs` → `encode_prompt` �
 The scan encoder runs once per slice: its features are shared by every step, proposal and organ
 (before, they were recomputed N·P times per step; the outputs are the same).
 
-Reproducibility: the starting noise of proposal k for slice s and organ o is drawn from its own
-generator seeded by (seed, k, s, o), so a proposal does not change when the batch is chunked
-differently or when other organs are asked for in the same request.
+The starting noise of proposal k for organ o is drawn from its own generator seeded by (seed, k, o)
+and is the same on every slice.  A user picks one proposal for the whole organ, so a proposal must be
+one coherent 3D answer: with independent noise per slice, the differences between proposals would
+average out over the slices and every proposal would score like every other.  It also makes a
+proposal independent of how the slices are chunked and of the other organs asked for with it.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ class ProposalOutput:
     seed: int
 
 
-def proposal_seed(seed: int, proposal: int, slice_index: int, organ: str) -> int:
-    """A stable 63-bit seed per (request seed, proposal, slice, organ); Python's hash() is salted per process."""
-    digest = hashlib.sha256(f"{seed}:{proposal}:{slice_index}:{organ}".encode()).digest()
+def proposal_seed(seed: int, proposal: int, organ: str) -> int:
+    """A stable 63-bit seed per (request seed, proposal, organ); Python's hash() is salted per process."""
+    digest = hashlib.sha256(f"{seed}:{proposal}:{organ}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -131,18 +133,19 @@ class ProGiDiffPipeline:
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             return self.model.scan_encoder.features(condition)
 
-    def prepare_latents(
-        self, num_proposals: int, slice_indices: list[int], organs: list[str], seed: int
-    ) -> torch.Tensor:
-        """Starting noise [N·B·P, C, h, w], ordered proposal-major, then slice, then organ."""
+    def prepare_latents(self, num_proposals: int, num_slices: int, organs: list[str], seed: int) -> torch.Tensor:
+        """Starting noise [N·B·P, C, h, w], ordered proposal-major, then slice, then organ; one noise map
+        per (proposal, organ), repeated on every slice."""
         size, channels = self.model.working_size, self.model.mask_channels
-        noise = []
-        for k in range(num_proposals):
-            for s in slice_indices:
-                for organ in organs:
-                    generator = torch.Generator().manual_seed(proposal_seed(seed, k, s, organ))
-                    noise.append(torch.randn(channels, size, size, generator=generator))
-        return torch.stack(noise).to(self.device)
+        noise = torch.stack([
+            torch.stack([
+                torch.randn(channels, size, size, generator=torch.Generator().manual_seed(proposal_seed(seed, k, organ)))
+                for organ in organs
+            ])
+            for k in range(num_proposals)
+        ])  # [N, P, C, h, w]
+        noise = noise[:, None].expand(-1, num_slices, -1, -1, -1, -1)
+        return noise.reshape(-1, channels, size, size).to(self.device)
 
     def denoise(
         self,
@@ -193,16 +196,14 @@ class ProGiDiffPipeline:
         num_proposals: int = 5,
         steps: int = 10,
         seed: int = 0,
-        slice_indices: list[int] | None = None,
     ) -> ProposalOutput:
         """Sample `num_proposals` masks per slice and organ; probabilities come back at the slices' size."""
         self.check_inputs(images, organs, num_proposals, steps)
         b, p, n = images.shape[0], len(organs), num_proposals
-        slice_indices = list(range(b)) if slice_indices is None else list(slice_indices)
 
         text = self.encode_prompt(organs)  # [P, L, D]
         features = self.encode_scan(self.prepare_condition(images))  # [B, C, h, w]
-        latents = self.prepare_latents(n, slice_indices, organs, seed)  # [N·B·P, C, h, w]
+        latents = self.prepare_latents(n, b, organs, seed)  # [N·B·P, C, h, w]
 
         # Batch order is (proposal, slice, organ): repeat text over N·B, features over organs and N.
         text = text.repeat(n * b, 1, 1)

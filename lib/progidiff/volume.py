@@ -103,7 +103,7 @@ def segment_volume(
 
     With `screen_threshold` > 0, an organ is sampled only on the slices where the scan encoder sees it
     (and their neighbours); elsewhere it is background in every proposal.  A sampled slice's proposals
-    are the same either way (its noise depends on its own index and organ only).
+    are the same either way (its noise depends on the seed, the proposal and the organ only).
     """
     start = time.time()
     volume = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
@@ -120,7 +120,7 @@ def segment_volume(
         channels = [organs.index(o) for o in group]
         for first in range(0, len(indices), slice_batch):
             chunk = list(indices[first : first + slice_batch])
-            out = pipeline(slices[chunk], group, num_proposals, steps, seed, slice_indices=chunk)
+            out = pipeline(slices[chunk], group, num_proposals, steps, seed)
             for j, channel in enumerate(channels):
                 probabilities[:, channel, ..., chunk] = out.probabilities[:, :, j].permute(0, 2, 3, 1).to(torch.float16)
             done += len(chunk) * len(group)
