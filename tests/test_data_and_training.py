@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import nibabel as nib
@@ -15,7 +16,7 @@ from progidiff.data import SliceDataset, load_volume_pair, phantom_volumes
 from progidiff.labels import ORGAN_IDS, load_class_map, organs_present, to_schema
 from progidiff.model import ProGiDiffModel
 from progidiff.phantoms import PHANTOM_ORGANS, make_phantom, write_sample_set
-from progidiff.training import DiffusionTrainer, TrainConfig
+from progidiff.training import DiffusionTrainer, TrainConfig, boundary_shift, jitter_boundaries
 
 TINY_ORGANS = ["liver", "spleen", "kidney_left", "aorta"]
 
@@ -115,6 +116,50 @@ def test_resume_continues_from_the_checkpoint(small_config, minilm, tiny_volumes
     assert all(torch.equal(saved[k], v) for k, v in second.model.state_dict().items())
     second.fit()
     assert second.step == 6 and [h["step"] for h in second.history] == [4, 6]
+
+
+def test_boundary_jitter_moves_the_whole_boundary_out_or_in():
+    masks = torch.zeros(4, 1, 64, 64)
+    masks[:3, :, 20:44, 20:44] = 1  # a 24-pixel square
+    masks[3, :, 30, 30:33] = 1  # a thin organ
+    out = jitter_boundaries(masks, 2.0, torch.tensor([1.0, -1.0, 0.0, -1.0]))
+    area = out.sum(dim=(1, 2, 3))
+    assert 26**2 <= area[0] <= 29**2 and bool((out[0] >= masks[0]).all())  # grown by about 2 px a side
+    assert 19**2 <= area[1] <= 22**2 and bool((out[1] <= masks[1]).all())  # shrunk by about 2 px a side
+    assert abs(area[2] - 24**2) <= 24  # no shift: the same square, corners rounded
+    assert torch.equal(out[3], masks[3])  # shrinking would have emptied it: kept
+    assert jitter_boundaries(masks, 0.0, torch.ones(4)) is masks
+
+
+def test_boundary_shift_is_uniform_and_follows_the_noise_on_the_organ():
+    masks = torch.zeros(4000, 1, 32, 32)
+    masks[:, :, 8:24, 8:24] = 1  # the organ covers the noise map's pixels 4..11
+    noise = torch.randn(4000, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    shift = boundary_shift(noise, masks)
+    assert shift.min() >= -1 and shift.max() <= 1
+    counts = torch.histc(shift, bins=4, min=-1, max=1)
+    assert (counts > 800).all() and (counts < 1200).all()
+    on_organ = torch.zeros_like(noise)
+    on_organ[:, :, 4:12, 4:12] = 0.5
+    assert (boundary_shift(noise + on_organ, masks) > shift).all()  # brighter noise on the organ: larger mask
+    assert torch.allclose(boundary_shift(noise + 0.5 - on_organ, masks), shift, atol=1e-5)  # elsewhere: no effect
+    assert (boundary_shift(noise, torch.zeros_like(masks)) == 0).all()  # negative prompt: nothing to move
+
+
+def test_training_with_boundary_jitter_runs_and_reduces_the_loss(small_config, minilm, tiny_volumes, tmp_path):
+    trainer = _trainer(dataclasses.replace(small_config, boundary_jitter=1.5), minilm, tiny_volumes, tmp_path,
+                       max_steps=30)
+    assert trainer.model.config.boundary_jitter == 1.5
+    batch = next(iter(torch.utils.data.DataLoader(trainer.train_set, batch_size=8)))
+
+    def fixed_loss() -> float:
+        trainer.generator.manual_seed(7)
+        with torch.no_grad():
+            return trainer.loss(batch)["loss"].item()
+
+    before = fixed_loss()
+    trainer.fit()
+    assert fixed_loss() < 0.8 * before
 
 
 # ---- CLIs ---------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ class ProGiDiffConfig:
     windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS
     organs: list[str] = field(default_factory=list)  # organs the model was trained on (empty: untrained)
     organ_prior: bool = True  # compact x0 model: add the scan encoder's organ read-out to the predicted mask
+    boundary_jitter: float = 0.0  # px at image_size: proposals' boundaries spread over ± this (see training)
 
     @property
     def is_latent(self) -> bool:

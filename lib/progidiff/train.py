@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-size", type=int, default=64)
     p.add_argument("--channels", default="16,32,64,64", help="compact UNet block widths")
     p.add_argument("--encoder-channels", default="16,32", help="scan encoder stage widths")
+    p.add_argument("--boundary-jitter", type=float, default=None, metavar="PX",
+                   help="proposals' boundary spread: training masks grow or shrink by up to PX pixels, tied to "
+                        "the diffusion noise (default: the --init-from model's, else 0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--baseline", action="store_true",
                    help="train the deterministic MONAI UNet baseline instead, on the same data and budget")
@@ -73,6 +76,8 @@ def build_model(args: argparse.Namespace, organs: list[str]) -> ProGiDiffModel:
             encoder_channels=tuple(int(c) for c in args.encoder_channels.split(",")),
         )
         model = ProGiDiffModel.from_config(config)
+    if args.boundary_jitter is not None:
+        model.config.boundary_jitter = args.boundary_jitter
     model.config.organs = organs
     return model
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
+from monai.networks.layers import GaussianFilter
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
@@ -78,6 +79,44 @@ def anatomy_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     soft_dice = 1 - (2 * inter + 1) / (denom + 1)
     dice_term = soft_dice[present].mean() if present.any() else logits.sum() * 0
     return F.binary_cross_entropy_with_logits(logits, target) + dice_term
+
+
+def boundary_shift(noise: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per sample, a boundary shift in [-1, 1] read from its diffusion noise [B,C,h,w] inside the organ.
+
+    The noise summed over the organ's n pixels (`masks` [B,1,H,W], resized to the noise), over √n, is
+    a standard normal: Φ of it is uniform.  Tying the target's shift to it (more positive noise on
+    the organ → larger mask) puts the shift in the noisy input at every noise level, so that a model
+    that learns to read it lets the sampler's starting noise decide a proposal's boundary (the same
+    noise on every slice, see the pipeline: one coherent proposal in 3D).  The organ's own pixels, not
+    the whole map: the UNet's group norms remove a map's mean, not its contrast.  Empty mask: no shift.
+    Measured so far (model/README.md): 600 fine-tuning steps of the default model did not learn it.
+    """
+    region = F.interpolate(masks.float(), size=noise.shape[-2:], mode="area") >= 0.5
+    region = region.expand_as(noise).flatten(1).float()
+    count = region.sum(dim=1)
+    z = (noise.flatten(1).float() * region).sum(dim=1) / count.clamp_min(1).sqrt()
+    return torch.where(count > 0, 2 * torch.special.ndtr(z) - 1, torch.zeros_like(z))
+
+
+def jitter_boundaries(masks: torch.Tensor, pixels: float, shift: torch.Tensor) -> torch.Tensor:
+    """Each mask [B,1,H,W] grown (shift > 0) or shrunk (< 0) as a whole by `shift` [B] × `pixels`.
+
+    One reference mask per slice would teach the diffusion model a single answer, and its proposals
+    would not differ.  Readers differ mostly in where they put an organ's boundary, consistently over
+    the organ, and models err the same way (e.g. kidneys drawn too small): targets whose boundary
+    moves that way teach the model a spread of plausible boundaries around the anatomy, which the
+    proposals sample.  The mask is blurred (Gaussian, sigma = `pixels`) and thresholded at Φ(−shift):
+    a straight boundary moves out by `pixels` · shift.  A mask that shrinking would empty (a thin
+    organ) is kept as it was.
+    """
+    if pixels <= 0:
+        return masks
+    blurred = GaussianFilter(spatial_dims=2, sigma=pixels)(masks.float())
+    level = torch.special.ndtr(-shift.to(blurred)).view(-1, 1, 1, 1)
+    moved = (blurred > level).to(masks.dtype)
+    emptied = (moved.sum(dim=(1, 2, 3)) == 0) & (masks.sum(dim=(1, 2, 3)) > 0)
+    return torch.where(emptied.view(-1, 1, 1, 1), masks, moved)
 
 
 def sample_timesteps(batch: int, num_train: int, low_noise_bias: float, generator: torch.Generator) -> torch.Tensor:
@@ -288,9 +327,14 @@ class DiffusionTrainer(Trainer):
         if self.step < self.config.encoder_steps:
             return self.encoder_loss(batch)
         image = batch["image"].to(self.device)
-        x0 = self.model.encode_mask(batch["mask"].to(self.device))
+        size = self.model.working_size
+        noise = torch.randn(len(batch["organ"]), self.model.mask_channels, size, size, generator=self.generator)
+        noise = noise.to(self.device)
+        jitter = self.model.config.boundary_jitter
+        mask = batch["mask"].to(self.device)
+        mask = jitter_boundaries(mask, jitter, boundary_shift(noise, mask))
+        x0 = self.model.encode_mask(mask)
         text = self.prompt_encoder.encode(list(batch["text"])).to(self.device)
-        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
         num_train = self.scheduler.config.num_train_timesteps
         t = sample_timesteps(x0.shape[0], num_train, self.config.low_noise_bias, self.generator).to(self.device)
         organ_index = torch.tensor([ORGAN_IDS[o] - 1 for o in batch["organ"]], device=self.device)
