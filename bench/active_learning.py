@@ -129,7 +129,7 @@ def main() -> None:
     plot(results, args.out.with_suffix(".png"))
     print("| round | " + " | ".join(results["strategies"]) + " |")
     print("|---|" + "---|" * len(results["strategies"]))
-    print(f"| 0 (weak start) | " + " | ".join(f"{results['weak']['mean_dice']:.3f}" for _ in results["strategies"]) + " |")
+    print("| 0 (weak start) | " + " | ".join(f"{results['weak']['mean_dice']:.3f}" for _ in results["strategies"]) + " |")
     for r in range(args.rounds):
         cells = [f"{rounds[r]['mean_dice']:.3f} ({rounds[r]['picked']})" for rounds in results["strategies"].values()]
         print(f"| {r + 1} | " + " | ".join(cells) + " |")

@@ -1,7 +1,5 @@
 """A DICOM folder must hold one complete series; readers would otherwise stack it into a wrong volume."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
