@@ -91,8 +91,11 @@ def _trainer(small_config, minilm, volumes, out, **overrides) -> DiffusionTraine
     return DiffusionTrainer(model, minilm, dataset, volumes[:1], config, out)
 
 
-def test_a_few_steps_reduce_the_loss(small_config, minilm, tiny_volumes, tmp_path):
-    trainer = _trainer(small_config, minilm, tiny_volumes, tmp_path, max_steps=40)
+@pytest.mark.parametrize("boundary_jitter", [0.0, 1.5])
+def test_a_few_steps_reduce_the_loss(small_config, minilm, tiny_volumes, tmp_path, boundary_jitter):
+    config = dataclasses.replace(small_config, boundary_jitter=boundary_jitter)
+    trainer = _trainer(config, minilm, tiny_volumes, tmp_path, max_steps=40)
+    assert trainer.model.config.boundary_jitter == boundary_jitter
     batch = next(iter(torch.utils.data.DataLoader(trainer.train_set, batch_size=8)))
 
     def fixed_loss() -> float:
@@ -144,22 +147,6 @@ def test_boundary_shift_is_uniform_and_follows_the_noise_on_the_organ():
     assert (boundary_shift(noise + on_organ, masks) > shift).all()  # brighter noise on the organ: larger mask
     assert torch.allclose(boundary_shift(noise + 0.5 - on_organ, masks), shift, atol=1e-5)  # elsewhere: no effect
     assert (boundary_shift(noise, torch.zeros_like(masks)) == 0).all()  # negative prompt: nothing to move
-
-
-def test_training_with_boundary_jitter_runs_and_reduces_the_loss(small_config, minilm, tiny_volumes, tmp_path):
-    trainer = _trainer(dataclasses.replace(small_config, boundary_jitter=1.5), minilm, tiny_volumes, tmp_path,
-                       max_steps=30)
-    assert trainer.model.config.boundary_jitter == 1.5
-    batch = next(iter(torch.utils.data.DataLoader(trainer.train_set, batch_size=8)))
-
-    def fixed_loss() -> float:
-        trainer.generator.manual_seed(7)
-        with torch.no_grad():
-            return trainer.loss(batch)["loss"].item()
-
-    before = fixed_loss()
-    trainer.fit()
-    assert fixed_loss() < 0.8 * before
 
 
 # ---- CLIs ---------------------------------------------------------------------------------------
