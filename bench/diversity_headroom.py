@@ -1,8 +1,9 @@
 """Benchmark: how much could proposals that differ gain, and does a model let its noise decide?
 
 On the held-out real CT block (ct_a z 10-17), per organ:
-- `ceiling_64px`: Dice of the reference itself after the trip through the model's 64-px mask
-  (area down, bilinear up): what the mask resolution alone costs;
+- `ceiling_64px`: Dice of the reference itself, brought to the model's square as training labels are
+  and taken through the model's mask size (64 px: area down, bilinear up): what the training
+  representation alone costs;
 - `prior` and `baseline` Dice of the scan encoder's organ read-out and of the deterministic baseline,
   each thresholded at 0.05 … 0.95: the best threshold is what a proposal that only moves the boundary
   of that estimate could reach, i.e. the headroom of boundary diversity for best-of-N;
