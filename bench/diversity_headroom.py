@@ -28,27 +28,19 @@ from diffusers import DDPMScheduler
 
 from progidiff.baseline import BaselineSegmenter
 from progidiff.geometry import from_square, to_square
-from progidiff.labels import ORGAN_IDS, load_class_map, to_schema
+from progidiff.labels import ORGAN_IDS
 from progidiff.metrics import dice
 from progidiff.model import ProGiDiffModel
 from progidiff.pipeline import prompt_encoder_for
-from progidiff.predict import load_volume
 from progidiff.prompts import organ_text
+from progidiff.text import PromptEncoder
 from progidiff.training import boundary_shift, jitter_boundaries
+from run import held_out_ct  # bench/run.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
-CT_A = ROOT.parent / "shared" / "data" / "ct_a"
+DATA = ROOT.parent / "shared" / "data"
 ORGANS = ["liver", "spleen", "kidney_left", "kidney_right", "aorta"]
 THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
-
-
-def held_out_block(spacing_mm: float) -> tuple[torch.Tensor, np.ndarray]:
-    """Slices [8, 1, X, Y] of ct_a z 10-17 and the schema labels [X, Y, 8]."""
-    loaded = load_volume(CT_A / "image.nii.gz", spacing_mm, label=CT_A / "label.nii.gz")
-    label = np.asarray(loaded.data["label"][0]).astype(np.int64)
-    label = to_schema(label, load_class_map("total", CT_A / "label.nii.gz"))[:, :, 10:18]
-    slices = loaded.image[0].as_tensor()[:, :, 10:18].permute(2, 0, 1)[:, None].float()
-    return slices, label
 
 
 def to_volume(square: torch.Tensor, height: int, width: int) -> np.ndarray:
@@ -61,11 +53,12 @@ def threshold_sweep(probability: np.ndarray, reference: np.ndarray) -> dict[str,
 
 
 @torch.no_grad()
-def noise_response(model: ProGiDiffModel, slices: torch.Tensor, masks: torch.Tensor, organ: str) -> dict:
+def noise_response(model: ProGiDiffModel, text_encoder: PromptEncoder, slices: torch.Tensor, masks: torch.Tensor,
+                   organ: str) -> dict:
     """Predicted mask area at t for starting noise whose sum over the organ is z = −1.3, 0, +1.3."""
     scheduler = DDPMScheduler.from_config(model.scheduler_config)
     b, size = slices.shape[0], model.working_size
-    text = prompt_encoder_for(model).encode([organ_text(organ)]).repeat(b, 1, 1)
+    text = text_encoder.encode([organ_text(organ)]).repeat(b, 1, 1)
     organ_index = torch.full((b,), ORGAN_IDS[organ] - 1)
     region = (F.interpolate(masks, size=(size, size), mode="area") >= 0.5).float()
     count = region.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1)
@@ -93,8 +86,10 @@ def main() -> None:
     args = parser.parse_args()
 
     model = ProGiDiffModel.from_pretrained(args.model).eval()
+    text_encoder = prompt_encoder_for(model)
     baseline = BaselineSegmenter.from_pretrained(args.baseline)
-    slices, label = held_out_block(model.config.spacing_mm)
+    image, label, _ = held_out_ct(DATA, model.config.spacing_mm)  # the block bench/run.py scores
+    slices = image.permute(2, 0, 1)[:, None].float()
     height, width = slices.shape[2:]
     square = to_square(slices, model.config.image_size)
     with torch.no_grad():
@@ -115,7 +110,7 @@ def main() -> None:
             "prior": threshold_sweep(to_volume(prior_logits[:, channel : channel + 1].sigmoid(), height, width), reference),
             "baseline": threshold_sweep(to_volume(baseline_logits[:, channel : channel + 1].sigmoid(), height, width),
                                         reference),
-            "noise_response": noise_response(model, square, masks, organ),
+            "noise_response": noise_response(model, text_encoder, square, masks, organ),
         }
         r = results["organs"][organ]
         print(f"{organ:13s} ceiling {r['ceiling_64px']:.3f}  prior@0.5 {r['prior']['0.5']:.3f} best "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from progidiff.model import ProGiDiffConfig, ProGiDiffModel  # noqa: E402
+from progidiff.model import CONTROL_WEIGHTS, ProGiDiffConfig, ProGiDiffModel  # noqa: E402
 from progidiff.text import PromptEncoder, packaged_minilm_dir  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -57,6 +58,11 @@ def wake_control_branch(model: ProGiDiffModel, scale: float = 0.05) -> None:
         for name, param in model.controlnet.named_parameters():
             if name.startswith(ZERO_CONVOLUTIONS):
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def weights_digest(model_dir: Path) -> str:
+    """SHA-256 of a model folder's control-branch weights: tells which published version is there."""
+    return hashlib.sha256((model_dir / "controlnet" / CONTROL_WEIGHTS).read_bytes()).hexdigest()
 
 
 def save_awake_tiny_model(directory: Path, **overrides) -> Path:

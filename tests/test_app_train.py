@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
@@ -13,9 +12,9 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import save_awake_tiny_model
+from conftest import save_awake_tiny_model, weights_digest
 from progidiff.labels import ORGAN_IDS
-from progidiff.model import CONTROL_WEIGHTS, ProGiDiffModel
+from progidiff.model import ProGiDiffModel
 from progidiff.phantoms import make_phantom, save_nifti
 from server import ROOT, Server, copy_studies
 
@@ -35,11 +34,6 @@ def server(tmp_path_factory):
     conf = {"model_path": str(work / "model"), "train_dir": str(work / "runs"), "num_proposals": "2", "steps": "2"}
     with Server(studies, conf, work) as running:
         yield running
-
-
-def weights_digest(server: Server) -> str:
-    model_dir = Path(server.conf["model_path"])
-    return hashlib.sha256((model_dir / "controlnet" / CONTROL_WEIGHTS).read_bytes()).hexdigest()
 
 
 def infer_json(server: Server, image: str) -> dict:
@@ -66,14 +60,14 @@ def test_put_label_train_publish_and_serve(server):
     info = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()
     assert "final" in info["objects"]["phantom_002"]["labels"]
 
-    before_digest = weights_digest(server)
+    before_digest = weights_digest(Path(server.conf["model_path"]))
     before = infer_json(server, "phantom_000")
     response = requests.post(f"{server.url}/train/progidiff", json=TINY_TRAIN, timeout=60)
     assert response.status_code == 200, response.text
     status = server.wait_for_task("train")
     assert status["status"] == "DONE", f"{status}\n{server.log_tail()}"
 
-    assert weights_digest(server) != before_digest
+    assert weights_digest(Path(server.conf["model_path"])) != before_digest
     stats = requests.get(f"{server.url}/info/", timeout=30).json()["train_stats"]["progidiff"]
     assert stats["epoch"] == 2 and "total_time" in stats
     assert 0.0 <= stats["eval"]["metrics"]["val_mean_dice"] <= 1.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import nibabel as nib
@@ -92,9 +91,8 @@ def _trainer(small_config, minilm, volumes, out, **overrides) -> DiffusionTraine
 
 
 @pytest.mark.parametrize("boundary_jitter", [0.0, 1.5])
-def test_a_few_steps_reduce_the_loss(small_config, minilm, tiny_volumes, tmp_path, boundary_jitter):
-    config = dataclasses.replace(small_config, boundary_jitter=boundary_jitter)
-    trainer = _trainer(config, minilm, tiny_volumes, tmp_path, max_steps=40)
+def test_a_few_steps_reduce_the_loss(minilm, tiny_volumes, tmp_path, boundary_jitter):
+    trainer = _trainer(tiny_config(boundary_jitter=boundary_jitter), minilm, tiny_volumes, tmp_path, max_steps=40)
     assert trainer.model.config.boundary_jitter == boundary_jitter
     batch = next(iter(torch.utils.data.DataLoader(trainer.train_set, batch_size=8)))
 

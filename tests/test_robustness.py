@@ -4,7 +4,6 @@ published model and adapters."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
@@ -16,10 +15,10 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import save_awake_tiny_model, tiny_config
+from conftest import save_awake_tiny_model, tiny_config, weights_digest
 from dicom_series import write_series
 from progidiff import lora
-from progidiff.model import CONTROL_WEIGHTS, ProGiDiffModel
+from progidiff.model import ProGiDiffModel
 from server import ROOT, Server, copy_studies
 
 SAMPLE = ROOT / "sample-datasets" / "ct"
@@ -191,11 +190,10 @@ def test_server_killed_during_training_restarts_on_the_last_published_model_and_
     studies = copy_studies(SAMPLE, tmp_path / "studies")
     shutil.copy(ROOT / "sample-datasets" / "mr" / "phantom_001_mr.nii.gz", studies)
     conf = {"model_path": str(model_dir), "train_dir": str(tmp_path / "runs"), "num_proposals": "2", "steps": "1"}
-    weights = model_dir / "controlnet" / CONTROL_WEIGHTS
 
     def digest(default: str = "") -> str:
         try:
-            return hashlib.sha256(weights.read_bytes()).hexdigest()
+            return weights_digest(model_dir)
         except FileNotFoundError:  # between the two renames of a publish
             return default
 
