@@ -32,8 +32,12 @@ def test_same_seed_same_proposals_different_seed_different(pipeline):
     assert not torch.allclose(a[0], a[1])  # proposals of one request differ from each other
 
 
-def test_proposals_do_not_depend_on_batching(pipeline):
-    """Slice 2 sampled alone equals slice 2 sampled with its neighbours and other organs."""
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_proposals_do_not_depend_on_batching(small_model, minilm, scheduler):
+    """Slice 2 sampled alone equals slice 2 sampled with its neighbours and other organs; with the
+    stochastic DDPM sampler too, whose per-step noise belongs to the proposal, not to the batch."""
+    wake_control_branch(small_model)
+    pipeline = ProGiDiffPipeline(small_model, minilm, scheduler=scheduler, show_progress=False)
     images = _slices(3)
     together = pipeline(images, ["liver", "spleen"], num_proposals=2, steps=3, seed=1).probabilities
     alone = pipeline(images[2:], ["liver"], num_proposals=2, steps=3, seed=1).probabilities
@@ -46,6 +50,15 @@ def test_a_proposal_starts_from_the_same_noise_on_every_slice(pipeline):
     assert torch.equal(latents[:, 0], latents[:, 3])  # same noise on slices 0 and 3
     assert not torch.equal(latents[0], latents[1])  # another proposal, other noise
     assert not torch.equal(latents[:, :, 0], latents[:, :, 1])  # another organ, other noise
+
+
+def test_a_stochastic_sampler_adds_the_same_noise_on_every_slice(small_model, minilm):
+    """Three copies of one slice: with DDPM each proposal is the same on all three, and differs from
+    the other proposal (one coherent 3D answer per proposal, as with the starting noise)."""
+    pipeline = ProGiDiffPipeline(small_model, minilm, scheduler="ddpm", show_progress=False)
+    out = pipeline(_slices(1).repeat(3, 1, 1, 1), ["liver"], num_proposals=2, steps=4, seed=2).probabilities
+    assert torch.allclose(out[:, 0], out[:, 2], atol=1e-6)
+    assert not torch.allclose(out[0], out[1], atol=1e-3)
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm", "ddpm"])

@@ -7,10 +7,11 @@ The scan encoder runs once per slice: its features are shared by every step, pro
 (before, they were recomputed N·P times per step; the outputs are the same).
 
 The starting noise of proposal k for organ o is drawn from its own generator seeded by (seed, k, o)
-and is the same on every slice.  A user picks one proposal for the whole organ, so a proposal must be
-one coherent 3D answer: with independent noise per slice, the differences between proposals would
-average out over the slices and every proposal would score like every other.  It also makes a
-proposal independent of how the slices are chunked and of the other organs asked for with it.
+and is the same on every slice; so is the noise a stochastic sampler (DDPM) adds at each step.  A user
+picks one proposal for the whole organ, so a proposal must be one coherent 3D answer: with independent
+noise per slice, the differences between proposals would average out over the slices and every
+proposal would score like every other.  It also makes a proposal independent of how the slices are
+chunked and of the other organs asked for with it.
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ class ProposalOutput:
     seed: int
 
 
-def proposal_seed(seed: int, proposal: int, organ: str) -> int:
-    """A stable 63-bit seed per (request seed, proposal, organ); Python's hash() is salted per process."""
-    digest = hashlib.sha256(f"{seed}:{proposal}:{organ}".encode()).digest()
+def proposal_seed(seed: int, proposal: int, organ: str, stream: str = "start") -> int:
+    """A stable 63-bit seed per (request seed, proposal, organ) and noise stream ("start": the starting
+    noise, "steps": a stochastic sampler's noise); Python's hash() is salted per process."""
+    key = f"{seed}:{proposal}:{organ}" if stream == "start" else f"{seed}:{proposal}:{organ}:{stream}"
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -147,6 +150,14 @@ class ProGiDiffPipeline:
         noise = noise[:, None].expand(-1, num_slices, -1, -1, -1, -1)
         return noise.reshape(-1, channels, size, size).to(self.device)
 
+    def prepare_step_generators(self, num_proposals: int, num_slices: int, organs: list[str],
+                                seed: int) -> list[torch.Generator]:
+        """One generator per latent (same order as `prepare_latents`) for a stochastic sampler's per-step
+        noise: the latents of one (proposal, organ) get generators in the same state, so every slice
+        receives the same noise at every step, whatever the chunking.  Deterministic samplers ignore them."""
+        return [torch.Generator().manual_seed(proposal_seed(seed, k, organ, "steps"))
+                for k in range(num_proposals) for _ in range(num_slices) for organ in organs]
+
     def denoise(
         self,
         latents: torch.Tensor,
@@ -154,18 +165,17 @@ class ProGiDiffPipeline:
         features: torch.Tensor,
         organ_index: torch.Tensor,
         steps: int,
-        seed: int,
+        generators: list[torch.Generator],
     ) -> torch.Tensor:
         scheduler = make_sampler(self.scheduler_name, self.model.scheduler_config)
         scheduler.set_timesteps(steps, device=self.device)
         latents = latents * scheduler.init_noise_sigma
-        generator = torch.Generator(device=self.device).manual_seed(seed)  # only stochastic samplers use it
         for t in tqdm(scheduler.timesteps, desc="denoising", disable=not self.show_progress, leave=False):
             model_input = scheduler.scale_model_input(latents, t)
             timesteps = t.expand(latents.shape[0]).to(self.device)
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 prediction = self.model(model_input, timesteps, text, None, organ_index, features=features)
-            latents = scheduler.step(prediction.float(), t, latents, generator=generator).prev_sample
+            latents = scheduler.step(prediction.float(), t, latents, generator=generators).prev_sample
         return latents
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -204,12 +214,13 @@ class ProGiDiffPipeline:
         text = self.encode_prompt(organs)  # [P, L, D]
         features = self.encode_scan(self.prepare_condition(images))  # [B, C, h, w]
         latents = self.prepare_latents(n, b, organs, seed)  # [N·B·P, C, h, w]
+        generators = self.prepare_step_generators(n, b, organs, seed)
 
         # Batch order is (proposal, slice, organ): repeat text over N·B, features over organs and N.
         text = text.repeat(n * b, 1, 1)
         features = features.repeat_interleave(p, dim=0).repeat(n, 1, 1, 1)
         organ_index = torch.tensor([ORGAN_IDS[o] - 1 for o in organs], device=self.device).repeat(n * b)
-        latents = self.denoise(latents, text, features, organ_index, steps, seed)
+        latents = self.denoise(latents, text, features, organ_index, steps, generators)
 
         probabilities = self.decode(latents)  # [N·B·P, 1, S, S]
         probabilities = from_square(probabilities, images.shape[2], images.shape[3])
