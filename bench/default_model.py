@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, default=ROOT / "model" / "baseline_ct")
     parser.add_argument("--proposals", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--scheduler", default="ddim", help="ProGiDiff's sampler: ddim, dpm or ddpm (stochastic)")
     parser.add_argument("--phantom-seeds", default="9000,9001")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "default_model.json")
     args = parser.parse_args()
@@ -51,7 +52,8 @@ def main() -> None:
             for kind, model in (("ProGiDiff", args.model), ("baseline", args.baseline)):
                 argv = ["--model", str(model), "--image", str(case["image"]), "--label", str(case["label"]),
                         "--label-map", case["label_map"], "--organs", ORGANS, "--proposals", str(args.proposals),
-                        "--steps", str(args.steps), "--out", str(args.out.with_name(f"eval_{len(results)}.json"))]
+                        "--steps", str(args.steps), "--scheduler", args.scheduler,
+                        "--out", str(args.out.with_name(f"eval_{len(results)}.json"))]
                 if "slices" in case:
                     argv += ["--slices", case["slices"]]
                 result = evaluate.main(argv)
