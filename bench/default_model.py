@@ -57,7 +57,7 @@ def main() -> None:
                 if "slices" in case:
                     argv += ["--slices", case["slices"]]
                 result = evaluate.main(argv)
-                results.append({"case": case["name"], "model": kind, **result})
+                results.append({"case": case["name"], **result, "kind": kind})
                 for organ, s in result["organs"].items():
                     rows.append(f"| {case['name']} | {kind} | {organ} | {s['dice_consensus']:.3f} | {s['dice_best']:.3f} "
                                 f"| {s['dice_mean']:.3f} | {s['hd95_consensus'] if s['hd95_consensus'] is not None else '–'} "
