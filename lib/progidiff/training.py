@@ -90,7 +90,7 @@ def boundary_shift(noise: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     that learns to read it lets the sampler's starting noise decide a proposal's boundary (the same
     noise on every slice, see the pipeline: one coherent proposal in 3D).  The organ's own pixels, not
     the whole map: the UNet's group norms remove a map's mean, not its contrast.  Empty mask: no shift.
-    Measured so far (model/README.md): 600 fine-tuning steps of the default model did not learn it.
+    Measured so far (model/README.md): neither 600 fine-tuning steps nor the whole recipe learnt it.
     """
     region = F.interpolate(masks.float(), size=noise.shape[-2:], mode="area") >= 0.5
     region = region.expand_as(noise).flatten(1).float()
@@ -330,9 +330,10 @@ class DiffusionTrainer(Trainer):
         size = self.model.working_size
         noise = torch.randn(len(batch["organ"]), self.model.mask_channels, size, size, generator=self.generator)
         noise = noise.to(self.device)
-        jitter = self.model.config.boundary_jitter
         mask = batch["mask"].to(self.device)
-        mask = jitter_boundaries(mask, jitter, boundary_shift(noise, mask))
+        jitter = self.model.config.boundary_jitter
+        if jitter > 0:
+            mask = jitter_boundaries(mask, jitter, boundary_shift(noise, mask))
         x0 = self.model.encode_mask(mask)
         text = self.prompt_encoder.encode(list(batch["text"])).to(self.device)
         num_train = self.scheduler.config.num_train_timesteps
