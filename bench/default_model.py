@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--proposals", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--scheduler", default="ddim", help="ProGiDiff's sampler: ddim, dpm or ddpm (stochastic)")
+    parser.add_argument("--spread", type=float, default=None,
+                        help="ProGiDiff's organ-prior logit range across proposals (default: the model's)")
     parser.add_argument("--phantom-seeds", default="9000,9001")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "default_model.json")
     args = parser.parse_args()
@@ -56,6 +58,8 @@ def main() -> None:
                         "--out", str(args.out.with_name(f"eval_{len(results)}.json"))]
                 if "slices" in case:
                     argv += ["--slices", case["slices"]]
+                if kind == "ProGiDiff" and args.spread is not None:
+                    argv += ["--spread", str(args.spread)]
                 result = evaluate.main(argv)
                 results.append({"case": case["name"], **result, "kind": kind})
                 for organ, s in result["organs"].items():

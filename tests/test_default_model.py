@@ -32,3 +32,25 @@ def test_default_model_finds_the_liver_in_a_sample_study():
     proposals = segment_volume(pipeline, image, ["liver"], num_proposals=2, steps=3, seed=0)
     consensus = proposals.organ_probabilities(0).mean(0) >= 0.5
     assert dice(consensus, torch.from_numpy(label == ORGAN_IDS["liver"])) > 0.5
+
+
+def test_default_model_proposals_differ_where_the_boundary_is_uncertain():
+    """On a sample study, the proposals run from the tightest to the most generous kidney and differ along
+    its edge, while their consensus stays the model's plain answer (the proposals without spread)."""
+    study = ROOT / "sample-datasets" / "ct"
+    image = np.asarray(nib.load(study / "phantom_001.nii.gz").dataobj, dtype=np.float32)
+    label = np.asarray(nib.load(study / "labels" / "final" / "phantom_001.nii.gz").dataobj)
+    kidney = label == ORGAN_IDS["kidney_left"]
+    z = int(np.argmax(kidney.sum(axis=(0, 1))))
+    block = image[..., z - 2 : z + 3]
+    spread = ProGiDiffPipeline.from_pretrained(MODEL, show_progress=False)
+    plain = ProGiDiffPipeline.from_pretrained(MODEL, show_progress=False, spread=0.0)
+    assert spread.spread > 0
+    proposals = segment_volume(spread, block, ["kidney_left"], num_proposals=3, steps=3, seed=0)
+    masks = proposals.organ_probabilities(0) >= 0.5
+    areas = masks.sum(dim=(1, 2, 3))
+    assert areas[0] < areas[1] < areas[2]
+    assert (masks[0] & ~masks[2]).sum() <= 0.01 * areas[0]  # nested: the generous one holds the tight one
+    reference = segment_volume(plain, block, ["kidney_left"], num_proposals=3, steps=3, seed=0)
+    consensus = proposals.organ_probabilities(0).mean(0) >= 0.5
+    assert dice(consensus, reference.organ_probabilities(0).mean(0) >= 0.5) > 0.97

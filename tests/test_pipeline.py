@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from conftest import wake_control_branch
+from conftest import tiny_config, wake_control_branch
+from progidiff.model import ProGiDiffModel, prior_offsets
 from progidiff.pipeline import ProGiDiffPipeline
 from progidiff.volume import segment_volume, slices_to_sample
 
@@ -59,6 +60,35 @@ def test_a_stochastic_sampler_adds_the_same_noise_on_every_slice(small_model, mi
     out = pipeline(_slices(1).repeat(3, 1, 1, 1), ["liver"], num_proposals=2, steps=4, seed=2).probabilities
     assert torch.allclose(out[:, 0], out[:, 2], atol=1e-6)
     assert not torch.allclose(out[0], out[1], atol=1e-3)
+
+
+def test_prior_offsets_run_evenly_from_tight_to_generous():
+    assert torch.allclose(prior_offsets(5, 2.0), torch.tensor([-1.6, -0.8, 0.0, 0.8, 1.6]))
+    assert torch.equal(prior_offsets(1, 2.0), torch.zeros(1))  # one proposal: the model's plain answer
+    assert torch.equal(prior_offsets(4, 0.0), torch.zeros(4))
+
+
+def test_spread_moves_each_proposal_along_the_organ_prior(pipeline, small_model, minilm):
+    """With the spread, proposal k follows the prior at its own confidence level: the first is the
+    tightest, the last the most generous; without it, the proposals share the prior."""
+    assert pipeline.spread == small_model.config.proposal_spread == 2.0
+    with torch.no_grad():
+        small_model.scan_encoder.organ_head.bias.zero_()  # a prior centred on 0.5, so offsets move it visibly
+    spread = ProGiDiffPipeline(small_model, minilm, show_progress=False, spread=6.0)
+    flat = ProGiDiffPipeline(small_model, minilm, show_progress=False, spread=0.0)
+    areas = spread(_slices(2), ["liver"], num_proposals=3, steps=3, seed=0).probabilities.sum(dim=(1, 2, 3, 4))
+    assert areas[0] < areas[1] < areas[2]
+    flat_areas = flat(_slices(2), ["liver"], num_proposals=3, steps=3, seed=0).probabilities.sum(dim=(1, 2, 3, 4))
+    assert (areas[2] - areas[0]) > 3 * (flat_areas.max() - flat_areas.min())
+
+
+def test_bad_spread_is_rejected(small_model, minilm):
+    with pytest.raises(ValueError, match="spread must be a number from 0 to 20"):
+        ProGiDiffPipeline(small_model, minilm, spread=-1.0)
+    without_prior = ProGiDiffModel.from_config(tiny_config(organ_prior=False))
+    with pytest.raises(ValueError, match="organ prior"):
+        ProGiDiffPipeline(without_prior, minilm, spread=2.0)
+    assert ProGiDiffPipeline(without_prior, minilm).spread == 0.0  # its own default: nothing to spread
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm", "ddpm"])

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--spread", type=float, default=None,
+                   help="organ-prior logit range the proposals span, tightest to most generous (default: the model's)")
     p.add_argument("--screen-threshold", type=float, default=DEFAULT_SCREEN_THRESHOLD,
                    help="sample only slices where the scan encoder sees the organ (0: every slice)")
     p.add_argument("--slices", type=parse_range, default=None, metavar="Z0:Z1", help="score only these z-slices")
@@ -72,7 +74,8 @@ def score_proposals(proposals: VolumeProposals, label: np.ndarray, spacing: tupl
 
 def evaluate(args: argparse.Namespace) -> dict:
     start = time.time()
-    predictor = Predictor(args.model, scheduler=args.scheduler, screen_threshold=args.screen_threshold)
+    predictor = Predictor(args.model, scheduler=args.scheduler, screen_threshold=args.screen_threshold,
+                          spread=args.spread)
     organs = parse_prompt(args.organs, known=tuple(predictor.organs) or tuple(ORGAN_IDS))
     loaded = load_volume(args.image, predictor.spacing_mm, label=args.label)
     image = loaded.image[0]
@@ -96,6 +99,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "proposals": args.proposals if predictor.kind == "progidiff" else 1,
         "steps": args.steps,
         "seed": args.seed,
+        "spread": predictor.spread,
         "organs": per_organ,
         "torch_threads": torch.get_num_threads(),
         "seconds": round(time.time() - start, 2),

@@ -55,6 +55,7 @@ class ProGiDiffConfig:
     organs: list[str] = field(default_factory=list)  # organs the model was trained on (empty: untrained)
     organ_prior: bool = True  # compact x0 model: add the scan encoder's organ read-out to the predicted mask
     boundary_jitter: float = 0.0  # px at image_size: proposals' boundaries spread over ± this (see training)
+    proposal_spread: float = 2.0  # organ-prior logits: proposals run from −this to +this (see prior_offsets)
 
     @property
     def is_latent(self) -> bool:
@@ -77,6 +78,21 @@ class ProGiDiffConfig:
         if "windows" in data:
             data["windows"] = tuple(tuple(w) for w in data["windows"])
         return cls(**data)
+
+
+def prior_offsets(num_proposals: int, spread: float) -> torch.Tensor:
+    """Per proposal, the logit added to the organ prior: evenly from −spread to +spread, tightest first.
+
+    One reference mask per training slice teaches the diffusion model a single answer: sampled from
+    different noise alone, its proposals barely differ (model/README.md).  Where the model is sure, its
+    prior's logit is steep at the organ's edge and an offset hardly moves the boundary; where it is unsure
+    (a faint edge, partial volume) the logit is shallow and the boundary moves far.  So proposals that
+    sample the prior at different confidence levels differ where an expert has to decide, and agree
+    elsewhere.  Proposal k of N gets spread · (−1 + (2k + 1) / N): one proposal (N = 1) is the model's
+    plain answer, and the offsets are symmetric so the consensus stays centred on it.
+    """
+    k = torch.arange(num_proposals, dtype=torch.float32)
+    return spread * (-1.0 + (2.0 * k + 1.0) / num_proposals)
 
 
 def compact_unet(config: ProGiDiffConfig) -> UNet2DConditionModel:
@@ -199,6 +215,7 @@ class ProGiDiffModel(nn.Module):
         conditioning_scale: float = 1.0,
         return_organ_logits: bool = False,
         features: torch.Tensor | None = None,
+        prior_offset: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The base's prediction for `noisy`, steered by the branch's residuals from `image`.
 
@@ -208,6 +225,8 @@ class ProGiDiffModel(nn.Module):
         `return_organ_logits` also returns every organ's logits (for the training loss).
         `features`: `scan_encoder.features(image)` computed beforehand (a sampler reuses them for every
         step, proposal and organ of a slice); `image` is then not read.
+        `prior_offset` [B]: added to the prior's logit, so a proposal's mask follows a tighter (< 0) or a
+        more generous (> 0) contour of the anatomy estimate (`prior_offsets`).
         """
         if features is None:
             features = self.scan_encoder.features(image)  # once, for the branch and the organ read-out
@@ -231,7 +250,10 @@ class ProGiDiffModel(nn.Module):
             if organ_index is None:
                 raise ValueError("this model adds an organ prior: pass organ_index (schema value - 1) per batch item")
             index = organ_index.to(logits.device).view(-1, 1, 1, 1).expand(-1, 1, *logits.shape[-2:])
-            prediction = prediction + torch.tanh(logits.gather(1, index) / 2).to(prediction.dtype)  # 2·sigmoid − 1
+            prior = logits.gather(1, index)
+            if prior_offset is not None:
+                prior = prior + prior_offset.to(prior).view(-1, 1, 1, 1)
+            prediction = prediction + torch.tanh(prior / 2).to(prediction.dtype)  # 2·sigmoid − 1
         return (prediction, logits) if return_organ_logits else prediction
 
     # ---- masks <-> the denoised space ----------------------------------------------------------

@@ -12,6 +12,10 @@ picks one proposal for the whole organ, so a proposal must be one coherent 3D an
 noise per slice, the differences between proposals would average out over the slices and every
 proposal would score like every other.  It also makes a proposal independent of how the slices are
 chunked and of the other organs asked for with it.
+
+With a model that adds an organ prior, proposal k also reads that prior at its own confidence level
+(`model.prior_offsets`, `spread`): proposals then run from the tightest to the most generous
+boundary the model finds plausible, and differ where the organ's edge is uncertain.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .geometry import from_square, to_square
 from .labels import ORGAN_IDS
-from .model import ProGiDiffModel, resolve_base
+from .model import ProGiDiffModel, prior_offsets, resolve_base
 from .prompts import organ_text
 from .schedulers import make_sampler
 from .text import PromptEncoder, load_prompt_encoder
@@ -83,19 +87,33 @@ class ProGiDiffPipeline:
         device: torch.device | str | None = None,
         precision: str = "auto",
         show_progress: bool = True,
+        spread: float | None = None,
     ):
+        """`spread`: the proposals' organ-prior logit range (None: the model's `proposal_spread`)."""
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
         self.prompt_encoder = prompt_encoder
         self.scheduler_name = scheduler
         self.autocast = autocast_dtype(self.device, precision)
         self.show_progress = show_progress
+        self.spread = self._check_spread(model, spread)
         make_sampler(scheduler, model.scheduler_config)  # fail now on a bad name, not mid-request
         if prompt_encoder.hidden_size != model.unet.config.cross_attention_dim:
             raise ValueError(
                 f"Text encoder width {prompt_encoder.hidden_size} does not match the UNet's cross-attention "
                 f"width {model.unet.config.cross_attention_dim}"
             )
+
+    @staticmethod
+    def _check_spread(model: ProGiDiffModel, spread: float | None) -> float:
+        if spread is None:
+            return model.config.proposal_spread if model.uses_organ_prior else 0.0
+        if not (isinstance(spread, (int, float)) and 0.0 <= spread <= 20.0):
+            raise ValueError(f"spread must be a number from 0 to 20 (organ-prior logits); got {spread!r}")
+        if spread > 0 and not model.uses_organ_prior:
+            raise ValueError("spread needs a model that adds an organ prior (compact base, x0-prediction); "
+                             "this model has none: use spread 0")
+        return float(spread)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **kwargs) -> "ProGiDiffPipeline":
@@ -158,6 +176,13 @@ class ProGiDiffPipeline:
         return [torch.Generator().manual_seed(proposal_seed(seed, k, organ, "steps"))
                 for k in range(num_proposals) for _ in range(num_slices) for organ in organs]
 
+    def prepare_prior_offsets(self, num_proposals: int, num_slices: int, num_organs: int) -> torch.Tensor | None:
+        """[N·B·P] organ-prior logit offsets (same order as `prepare_latents`); None without a prior."""
+        if not self.model.uses_organ_prior:
+            return None
+        offsets = prior_offsets(num_proposals, self.spread)
+        return offsets.repeat_interleave(num_slices * num_organs).to(self.device)
+
     def denoise(
         self,
         latents: torch.Tensor,
@@ -166,6 +191,7 @@ class ProGiDiffPipeline:
         organ_index: torch.Tensor,
         steps: int,
         generators: list[torch.Generator],
+        offsets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         scheduler = make_sampler(self.scheduler_name, self.model.scheduler_config)
         scheduler.set_timesteps(steps, device=self.device)
@@ -174,7 +200,8 @@ class ProGiDiffPipeline:
             model_input = scheduler.scale_model_input(latents, t)
             timesteps = t.expand(latents.shape[0]).to(self.device)
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                prediction = self.model(model_input, timesteps, text, None, organ_index, features=features)
+                prediction = self.model(model_input, timesteps, text, None, organ_index, features=features,
+                                        prior_offset=offsets)
             latents = scheduler.step(prediction.float(), t, latents, generator=generators).prev_sample
         return latents
 
@@ -215,12 +242,13 @@ class ProGiDiffPipeline:
         features = self.encode_scan(self.prepare_condition(images))  # [B, C, h, w]
         latents = self.prepare_latents(n, b, organs, seed)  # [N·B·P, C, h, w]
         generators = self.prepare_step_generators(n, b, organs, seed)
+        offsets = self.prepare_prior_offsets(n, b, p)
 
         # Batch order is (proposal, slice, organ): repeat text over N·B, features over organs and N.
         text = text.repeat(n * b, 1, 1)
         features = features.repeat_interleave(p, dim=0).repeat(n, 1, 1, 1)
         organ_index = torch.tensor([ORGAN_IDS[o] - 1 for o in organs], device=self.device).repeat(n * b)
-        latents = self.denoise(latents, text, features, organ_index, steps, generators)
+        latents = self.denoise(latents, text, features, organ_index, steps, generators, offsets)
 
         probabilities = self.decode(latents)  # [N·B·P, 1, S, S]
         probabilities = from_square(probabilities, images.shape[2], images.shape[3])

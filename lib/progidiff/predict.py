@@ -20,7 +20,7 @@ class Predictor:
     """One interface over both kinds of model folder: `segment(volume, organs, ...) -> VolumeProposals`."""
 
     def __init__(self, model_dir: str | Path, scheduler: str = "ddim", device: str | None = None,
-                 screen_threshold: float = 0.0, slice_batch: int = 8):
+                 screen_threshold: float = 0.0, slice_batch: int = 8, spread: float | None = None):
         self.model_dir = Path(model_dir)
         self.screen_threshold = screen_threshold
         self.slice_batch = slice_batch
@@ -32,13 +32,18 @@ class Predictor:
         else:
             self.baseline = None
             self.pipeline = ProGiDiffPipeline.from_pretrained(self.model_dir, scheduler=scheduler, device=device,
-                                                              show_progress=False)
+                                                              show_progress=False, spread=spread)
             self.spacing_mm = self.pipeline.model.config.spacing_mm
             self.organs = list(self.pipeline.model.config.organs)
 
     @property
     def kind(self) -> str:
         return "baseline" if self.baseline is not None else "progidiff"
+
+    @property
+    def spread(self) -> float:
+        """The organ-prior logit range the proposals span (0 for the baseline: one answer)."""
+        return self.pipeline.spread if self.pipeline is not None else 0.0
 
     def segment(self, volume: torch.Tensor, organs: list[str], proposals: int, steps: int, seed: int) -> VolumeProposals:
         if self.pipeline is not None:

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--spread", type=float, default=None,
+                   help="organ-prior logit range the proposals span, tightest to most generous (default: the model's)")
     p.add_argument("--screen-threshold", type=float, default=DEFAULT_SCREEN_THRESHOLD,
                    help="sample only slices where the scan encoder sees the organ (0: every slice)")
     p.add_argument("--out", type=Path, required=True)
@@ -43,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def segment(args: argparse.Namespace) -> dict:
     start = time.time()
-    predictor = Predictor(args.model, scheduler=args.scheduler, screen_threshold=args.screen_threshold)
+    predictor = Predictor(args.model, scheduler=args.scheduler, screen_threshold=args.screen_threshold,
+                          spread=args.spread)
     organs = parse_prompt(args.prompt, known=tuple(predictor.organs) or tuple(ORGAN_IDS))
     loaded = load_volume(args.image, predictor.spacing_mm)
     proposals = predictor.segment(loaded.image[0].as_tensor(), organs, args.proposals, args.steps, args.seed)
@@ -68,6 +71,7 @@ def segment(args: argparse.Namespace) -> dict:
         "proposals": n,
         "steps": args.steps,
         "seed": args.seed,
+        "spread": predictor.spread,
         "organ_stats": organ_statistics(proposals, voxel_ml),
         "seconds": round(time.time() - start, 2),
     }

@@ -34,6 +34,7 @@ class AppSettings:
     max_proposals: int = 10
     steps: int = 5  # 5 DDIM steps score as 10 and 50 on held-out real CT (bench/README.md, bench/run.py)
     scheduler: str = "ddim"
+    proposal_spread: float = -1.0  # organ-prior logit range the proposals span (< 0: the model's own)
     device: str = "auto"
     precision: str = "auto"
     slice_batch: int = 8
@@ -58,7 +59,14 @@ class AppSettings:
             raise ValueError(f"--conf scheduler must be one of {', '.join(SAMPLERS)}; got {settings.scheduler!r}")
         if not 1 <= settings.num_proposals <= settings.max_proposals:
             raise ValueError(f"--conf num_proposals must lie in 1..max_proposals ({settings.max_proposals})")
+        if not settings.proposal_spread <= 20:
+            raise ValueError(f"--conf proposal_spread must lie in 0..20, or be negative for the model's own; "
+                             f"got {settings.proposal_spread!r}")
         return settings
+
+    def pipeline_spread(self) -> float | None:
+        """`proposal_spread` for the pipeline: None (the model's own) unless set."""
+        return None if self.proposal_spread < 0 else self.proposal_spread
 
     def torch_device(self) -> torch.device:
         return default_device() if self.device == "auto" else torch.device(self.device)

@@ -136,6 +136,7 @@ class ProGiDiffInfer(BasicInferTask):
                     device=self.settings.torch_device(),
                     precision=self.settings.precision,
                     show_progress=False,
+                    spread=self.settings.pipeline_spread(),
                 )
             except OSError:
                 failures += 1
@@ -263,6 +264,7 @@ class ProGiDiffInfer(BasicInferTask):
             "num_proposals": n,
             "steps": params.steps,
             "seed": params.seed,
+            "proposal_spread": self.pipeline().spread,
             "modality": data["progidiff_modality"][0],
             "modality_source": data["progidiff_modality"][1],
             "adapter": data.get("progidiff_adapter"),
