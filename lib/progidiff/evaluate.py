@@ -99,7 +99,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "proposals": args.proposals if predictor.kind == "progidiff" else 1,
         "steps": args.steps,
         "seed": args.seed,
-        "spread": predictor.spread,
+        "spread": proposals.spread,
         "organs": per_organ,
         "torch_threads": torch.get_num_threads(),
         "seconds": round(time.time() - start, 2),

@@ -38,6 +38,7 @@ from .text import PromptEncoder, load_prompt_encoder
 logger = logging.getLogger(__name__)
 
 MAX_STEPS = 1000
+MAX_SPREAD = 20.0  # organ-prior logits; σ(±20) is certainty, nothing lies beyond
 
 
 @dataclass
@@ -108,8 +109,8 @@ class ProGiDiffPipeline:
     def _check_spread(model: ProGiDiffModel, spread: float | None) -> float:
         if spread is None:
             return model.config.proposal_spread if model.uses_organ_prior else 0.0
-        if not (isinstance(spread, (int, float)) and 0.0 <= spread <= 20.0):
-            raise ValueError(f"spread must be a number from 0 to 20 (organ-prior logits); got {spread!r}")
+        if not (isinstance(spread, (int, float)) and 0.0 <= spread <= MAX_SPREAD):
+            raise ValueError(f"spread must be a number from 0 to {MAX_SPREAD:g} (organ-prior logits); got {spread!r}")
         if spread > 0 and not model.uses_organ_prior:
             raise ValueError("spread needs a model that adds an organ prior (compact base, x0-prediction); "
                              "this model has none: use spread 0")
@@ -176,10 +177,9 @@ class ProGiDiffPipeline:
         return [torch.Generator().manual_seed(proposal_seed(seed, k, organ, "steps"))
                 for k in range(num_proposals) for _ in range(num_slices) for organ in organs]
 
-    def prepare_prior_offsets(self, num_proposals: int, num_slices: int, num_organs: int) -> torch.Tensor | None:
-        """[N·B·P] organ-prior logit offsets (same order as `prepare_latents`); None without a prior."""
-        if not self.model.uses_organ_prior:
-            return None
+    def prepare_prior_offsets(self, num_proposals: int, num_slices: int, num_organs: int) -> torch.Tensor:
+        """[N·B·P] organ-prior logit offsets (same order as `prepare_latents`); all 0 for a model without a
+        prior, whose spread is 0 (and whose forward has no prior to offset)."""
         offsets = prior_offsets(num_proposals, self.spread)
         return offsets.repeat_interleave(num_slices * num_organs).to(self.device)
 
@@ -191,7 +191,7 @@ class ProGiDiffPipeline:
         organ_index: torch.Tensor,
         steps: int,
         generators: list[torch.Generator],
-        offsets: torch.Tensor | None = None,
+        offsets: torch.Tensor,
     ) -> torch.Tensor:
         scheduler = make_sampler(self.scheduler_name, self.model.scheduler_config)
         scheduler.set_timesteps(steps, device=self.device)

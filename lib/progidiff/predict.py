@@ -40,11 +40,6 @@ class Predictor:
     def kind(self) -> str:
         return "baseline" if self.baseline is not None else "progidiff"
 
-    @property
-    def spread(self) -> float:
-        """The organ-prior logit range the proposals span (0 for the baseline: one answer)."""
-        return self.pipeline.spread if self.pipeline is not None else 0.0
-
     def segment(self, volume: torch.Tensor, organs: list[str], proposals: int, steps: int, seed: int) -> VolumeProposals:
         if self.pipeline is not None:
             return segment_volume(self.pipeline, volume, organs, proposals, steps, seed, slice_batch=self.slice_batch,

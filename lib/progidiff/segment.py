@@ -71,7 +71,7 @@ def segment(args: argparse.Namespace) -> dict:
         "proposals": n,
         "steps": args.steps,
         "seed": args.seed,
-        "spread": predictor.spread,
+        "spread": proposals.spread,
         "organ_stats": organ_statistics(proposals, voxel_ml),
         "seconds": round(time.time() - start, 2),
     }

@@ -55,6 +55,7 @@ class VolumeProposals:
     seed: int
     steps: int
     seconds: float
+    spread: float = 0.0  # organ-prior logit range the proposals were sampled over (pipeline.spread)
 
     @property
     def num_proposals(self) -> int:
@@ -128,7 +129,7 @@ def segment_volume(
                         num_proposals, time.time() - start)
             if progress is not None:
                 progress(done, total)
-    return VolumeProposals(organs, probabilities, seed, steps, time.time() - start)
+    return VolumeProposals(organs, probabilities, seed, steps, time.time() - start, pipeline.spread)
 
 
 def organ_statistics(proposals: VolumeProposals, voxel_ml: float) -> dict[str, dict]:

@@ -15,7 +15,7 @@ from lib.trainers.progidiff import ProGiDiffTrain
 from lib.trainers.progidiff_lora import ProGiDiffLoraTrain
 from progidiff.labels import ORGAN_IDS
 from progidiff.model import CONFIG_NAME, ProGiDiffConfig, ProGiDiffModel
-from progidiff.pipeline import default_device
+from progidiff.pipeline import MAX_SPREAD, default_device
 from progidiff.schedulers import SAMPLERS
 from progidiff.volume import DEFAULT_SCREEN_THRESHOLD
 
@@ -59,9 +59,9 @@ class AppSettings:
             raise ValueError(f"--conf scheduler must be one of {', '.join(SAMPLERS)}; got {settings.scheduler!r}")
         if not 1 <= settings.num_proposals <= settings.max_proposals:
             raise ValueError(f"--conf num_proposals must lie in 1..max_proposals ({settings.max_proposals})")
-        if not settings.proposal_spread <= 20:
-            raise ValueError(f"--conf proposal_spread must lie in 0..20, or be negative for the model's own; "
-                             f"got {settings.proposal_spread!r}")
+        if not settings.proposal_spread <= MAX_SPREAD:
+            raise ValueError(f"--conf proposal_spread must lie in 0..{MAX_SPREAD:g}, or be negative for the model's "
+                             f"own; got {settings.proposal_spread!r}")
         return settings
 
     def pipeline_spread(self) -> float | None:

@@ -248,7 +248,8 @@ class ProGiDiffInfer(BasicInferTask):
         """Consensus (or proposal k) as the returned label; proposals and maps into the datastore."""
         params: InferParams = data["progidiff"]
         organs, n = list(params.organs), params.num_proposals
-        maps = maps_in_input_geometry(data.pop("progidiff_proposals"), data[self.input_key],
+        proposals: VolumeProposals = data.pop("progidiff_proposals")
+        maps = maps_in_input_geometry(proposals, data[self.input_key],
                                       Compose(data.pop("progidiff_pre_transforms")), self.input_key)
         chosen = maps.proposals[params.proposal] if params.proposal is not None else maps.consensus
 
@@ -264,7 +265,7 @@ class ProGiDiffInfer(BasicInferTask):
             "num_proposals": n,
             "steps": params.steps,
             "seed": params.seed,
-            "proposal_spread": self.pipeline().spread,
+            "proposal_spread": proposals.spread,
             "modality": data["progidiff_modality"][0],
             "modality_source": data["progidiff_modality"][1],
             "adapter": data.get("progidiff_adapter"),
