@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from progidiff.model import CONTROL_WEIGHTS, ProGiDiffConfig, ProGiDiffModel  # noqa: E402
+from progidiff.proposals import MASK_THRESHOLD  # noqa: E402
 from progidiff.text import PromptEncoder, packaged_minilm_dir  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -72,6 +73,19 @@ def save_awake_tiny_model(directory: Path, **overrides) -> Path:
     wake_control_branch(model, scale=0.3)
     model.save_pretrained(directory)
     return directory
+
+
+def assert_same_proposals(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4) -> None:
+    """The same proposals as a user sees them: probabilities equal within `atol`, and every mask voxel the same
+    wherever the probability is not within `atol` of the threshold.
+
+    Computed floats are never compared bit for bit: torch picks other CPU kernels (AVX-512, AVX2, plain) for
+    other machines, shapes and memory layouts, and their results differ in the last bits.
+    """
+    a, b = a.float(), b.float()
+    torch.testing.assert_close(a, b, atol=atol, rtol=0)
+    decided = (a - MASK_THRESHOLD).abs() > atol
+    assert torch.equal((a >= MASK_THRESHOLD)[decided], (b >= MASK_THRESHOLD)[decided])
 
 
 def requires_shared_data() -> pytest.MarkDecorator:

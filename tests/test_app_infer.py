@@ -15,6 +15,8 @@ from dicom_series import write_series
 from progidiff.prompts import KNOWN_ORGANS
 from server import ROOT, Server, copy_studies
 
+pytestmark = pytest.mark.server  # starts the real MONAI Label server
+
 SAMPLE = ROOT / "sample-datasets" / "ct"
 IMAGE = "phantom_000"
 

@@ -17,6 +17,8 @@ from dicom_series import write_series
 from progidiff.model import CONTROL_WEIGHTS
 from server import ROOT, Server, copy_studies
 
+pytestmark = pytest.mark.server  # starts the real MONAI Label server
+
 SAMPLE = ROOT / "sample-datasets"
 
 

@@ -18,6 +18,8 @@ from progidiff.model import ProGiDiffModel
 from progidiff.phantoms import make_phantom, save_nifti
 from server import ROOT, Server, copy_studies
 
+pytestmark = pytest.mark.server  # starts the real MONAI Label server
+
 SAMPLE = ROOT / "sample-datasets" / "ct"
 UNLABELLED_SEEDS = (7, 8)
 TINY_TRAIN = {"max_epochs": 2, "train_batch_size": 4, "val_proposals": 1, "val_steps": 2, "learning_rate": 1e-3}

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import requests
 import torch
 
 from conftest import tiny_config
 from progidiff.model import ProGiDiffModel
 from server import ROOT, Server, copy_studies
+
+pytestmark = pytest.mark.server  # starts the real MONAI Label server
+
+pytestmark = pytest.mark.server  # starts the real MONAI Label server
 
 
 def test_unauthenticated_requests_are_refused(tmp_path):

@@ -33,7 +33,7 @@ def test_untrained_branch_leaves_base_output_unchanged(small_model):
     with torch.no_grad():
         base = small_model.unet(noisy, timesteps, encoder_hidden_states=text).sample
         steered = small_model(noisy, timesteps, text, image, organ)
-        assert torch.equal(base, steered)
+        torch.testing.assert_close(steered, base)  # zero connections add nothing
         wake_control_branch(small_model)
         assert not torch.allclose(base, small_model(noisy, timesteps, text, image, organ))
 

@@ -8,6 +8,7 @@ import torch
 from progidiff.labels import ORGAN_IDS
 from progidiff.outputs import inverter, maps_in_input_geometry
 from progidiff.predict import load_volume
+from progidiff.proposals import MASK_THRESHOLD
 from progidiff.volume import VolumeProposals
 
 ORGANS = ["liver", "spleen", "aorta", "kidney_left", "stomach"]
@@ -38,13 +39,20 @@ def test_chunked_maps_equal_one_pass_over_every_channel(loaded):
     stack = inverter(loaded.image, loaded.transform, "image")(torch.cat([each.mean(0), each.std(0, unbiased=False), each.flatten(0, 1)])).as_tensor()
     mean, std, per_proposal = stack[:5], stack[5:10], stack[10:].reshape(3, 5, 50, 40, 6)
 
-    def label_map(p: torch.Tensor) -> np.ndarray:
+    def assert_same_label_map(got: np.ndarray, p: torch.Tensor, atol: float = 1e-5) -> None:
+        """Equal wherever the winner is clear: not a near-tie between organs, not at the threshold (the
+        passes interpolate other channel counts, so their floats may differ in the last bits)."""
+        top = p.topk(2, dim=0).values
         best, index = p.max(dim=0)
-        return torch.where(best >= 0.5, values[index], torch.zeros((), dtype=torch.uint8)).numpy()
+        expected = torch.where(best >= MASK_THRESHOLD, values[index], torch.zeros((), dtype=torch.uint8)).numpy()
+        decided = (((top[0] - top[1]) > atol) & ((top[0] - MASK_THRESHOLD).abs() > atol)).numpy()
+        assert decided.mean() > 0.9  # the comparison covers nearly every voxel
+        assert np.array_equal(got[decided], expected[decided])
 
-    assert np.array_equal(chunked.consensus, label_map(mean))
-    assert all(np.array_equal(chunked.proposals[k], label_map(per_proposal[k])) for k in range(3))
-    assert np.array_equal(chunked.probability, mean.max(dim=0).values.numpy())
-    assert np.array_equal(chunked.uncertainty, std.max(dim=0).values.numpy())
+    assert_same_label_map(chunked.consensus, mean)
+    for k in range(3):
+        assert_same_label_map(chunked.proposals[k], per_proposal[k])
+    np.testing.assert_allclose(chunked.probability, mean.max(dim=0).values.numpy(), atol=1e-5)
+    np.testing.assert_allclose(chunked.uncertainty, std.max(dim=0).values.numpy(), atol=1e-5)
     assert len(np.unique(chunked.consensus)) > 3  # several organs win somewhere: the comparison is not empty
 

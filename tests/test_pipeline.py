@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import tiny_config, wake_control_branch
+from conftest import assert_same_proposals, tiny_config, wake_control_branch
 from progidiff.model import ProGiDiffModel, prior_offsets
 from progidiff.pipeline import ProGiDiffPipeline
 from progidiff.volume import segment_volume, slices_to_sample
@@ -28,7 +28,7 @@ def test_same_seed_same_proposals_different_seed_different(pipeline):
     a = pipeline(_slices(), ["liver"], num_proposals=3, steps=3, seed=7).probabilities
     b = pipeline(_slices(), ["liver"], num_proposals=3, steps=3, seed=7).probabilities
     c = pipeline(_slices(), ["liver"], num_proposals=3, steps=3, seed=8).probabilities
-    assert torch.equal(a, b)
+    assert_same_proposals(a, b)
     assert not torch.allclose(a, c)
     assert not torch.allclose(a[0], a[1])  # proposals of one request differ from each other
 
@@ -64,8 +64,8 @@ def test_a_stochastic_sampler_adds_the_same_noise_on_every_slice(small_model, mi
 
 def test_prior_offsets_run_evenly_from_tight_to_generous():
     assert torch.allclose(prior_offsets(5, 2.0), torch.tensor([-1.6, -0.8, 0.0, 0.8, 1.6]))
-    assert torch.equal(prior_offsets(1, 2.0), torch.zeros(1))  # one proposal: the model's plain answer
-    assert torch.equal(prior_offsets(4, 0.0), torch.zeros(4))
+    torch.testing.assert_close(prior_offsets(1, 2.0), torch.zeros(1))  # one proposal: the model's plain answer
+    torch.testing.assert_close(prior_offsets(4, 0.0), torch.zeros(4))
 
 
 def test_spread_moves_each_proposal_along_the_organ_prior(pipeline, small_model, minilm):
@@ -119,7 +119,8 @@ def test_screening_samples_only_slices_that_can_hold_the_organ(pipeline, monkeyp
     monkeypatch.setattr(pipeline, "organ_presence", lambda images, organs: presence[: images.shape[0]])
     screened = segment_volume(pipeline, volume, ["liver"], num_proposals=2, steps=2, seed=1, screen_threshold=0.05)
     sampled = [2, 3, 4, 5]
-    assert torch.equal(screened.probabilities[..., sampled], everything.probabilities[..., sampled])
+    # Same noise, same slices: the same proposals (float16 storage: within its rounding).
+    assert_same_proposals(screened.probabilities[..., sampled], everything.probabilities[..., sampled], atol=2e-3)
     skipped = [0, 1, 6, 7]
     assert screened.probabilities[..., skipped].abs().sum() == 0
 

@@ -21,6 +21,8 @@ from progidiff import lora
 from progidiff.model import ProGiDiffModel
 from server import ROOT, Server, copy_studies
 
+pytestmark = pytest.mark.server  # starts the real MONAI Label server
+
 SAMPLE = ROOT / "sample-datasets" / "ct"
 
 

@@ -24,6 +24,7 @@ from .metrics import dice, hd95
 from .montage import save_montage
 from .predict import Predictor, load_volume
 from .prompts import parse_prompt
+from .proposals import MASK_THRESHOLD
 from .train import parse_range
 from .volume import DEFAULT_SCREEN_THRESHOLD, VolumeProposals
 
@@ -59,8 +60,8 @@ def score_proposals(proposals: VolumeProposals, label: np.ndarray, spacing: tupl
     for p, organ in enumerate(proposals.organs):
         reference = label == ORGAN_IDS[organ]
         probabilities = proposals.organ_probabilities(p).numpy()
-        masks = probabilities >= 0.5
-        consensus = probabilities.mean(axis=0) >= 0.5
+        masks = probabilities >= MASK_THRESHOLD
+        consensus = probabilities.mean(axis=0) >= MASK_THRESHOLD
         scores = [dice(m, reference) for m in masks]
         per_organ[organ] = {
             "dice_consensus": round(dice(consensus, reference), 4),

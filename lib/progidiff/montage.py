@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .proposals import MASK_THRESHOLD  # noqa: E402
+
 
 def pick_slices(mask: np.ndarray, count: int = 3) -> list[int]:
     """Slices through the organ (spread over its extent), or the middle ones when it is absent."""
@@ -29,10 +31,10 @@ def save_montage(
     window: tuple[float, float] = (-160.0, 240.0),
 ) -> Path:
     """`image` [X,Y,Z]; `proposals` [N,X,Y,Z] probabilities; `uncertainty` [X,Y,Z]; `reference` bool [X,Y,Z]."""
-    consensus = proposals.mean(axis=0) >= 0.5
+    consensus = proposals.mean(axis=0) >= MASK_THRESHOLD
     slices = pick_slices(reference if reference is not None and reference.any() else consensus)
     columns = [("image", None), ("reference", reference), ("consensus", consensus)]
-    columns += [(f"proposal {k}", proposals[k] >= 0.5) for k in range(proposals.shape[0])]
+    columns += [(f"proposal {k}", proposals[k] >= MASK_THRESHOLD) for k in range(proposals.shape[0])]
     columns = [c for c in columns if c[0] != "reference" or reference is not None]
     fig, axes = plt.subplots(len(slices), len(columns) + 1, figsize=(2.2 * (len(columns) + 1), 2.3 * len(slices)),
                              squeeze=False)

@@ -20,6 +20,7 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 
 from .labels import ORGAN_IDS
+from .proposals import MASK_THRESHOLD
 from .volume import VolumeProposals
 
 Invert = Callable[[torch.Tensor], MetaTensor]
@@ -70,7 +71,7 @@ def _most_likely(channels: Callable[[slice], torch.Tensor], count: int, invert: 
 
 def _label_map(best: torch.Tensor, index: torch.Tensor, organs: list[str]) -> np.ndarray:
     values = torch.tensor([ORGAN_IDS[o] for o in organs], dtype=torch.uint8)
-    return torch.where(best >= 0.5, values[index.long()], torch.zeros((), dtype=torch.uint8)).numpy()
+    return torch.where(best >= MASK_THRESHOLD, values[index.long()], torch.zeros((), dtype=torch.uint8)).numpy()
 
 
 def input_voxels(image: MetaTensor) -> int:

@@ -8,13 +8,16 @@ import torch
 
 from .metrics import dice
 
+# A proposal's mask, and the consensus of N proposals, are where the (mean) probability reaches this.
+MASK_THRESHOLD = 0.5
+
 
 @dataclass
 class ProposalSummary:
     """Statistics of N proposals of one organ (tensors over the spatial shape S)."""
 
     probability: torch.Tensor  # [*S] mean foreground probability over proposals
-    consensus: torch.Tensor  # [*S] bool, probability >= 0.5
+    consensus: torch.Tensor  # [*S] bool, probability >= MASK_THRESHOLD
     std: torch.Tensor  # [*S] per-voxel standard deviation over proposals
     entropy: torch.Tensor  # [*S] binary entropy (bits) of the mean probability
     pairwise_dice: torch.Tensor  # [N, N]
@@ -39,9 +42,9 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
 def summarise(probabilities: torch.Tensor) -> ProposalSummary:
     """`probabilities` [N, *S] (one organ, N proposals) → `ProposalSummary`."""
     probabilities = probabilities.float()
-    masks = probabilities >= 0.5
+    masks = probabilities >= MASK_THRESHOLD
     mean = probabilities.mean(dim=0)
-    consensus = mean >= 0.5
+    consensus = mean >= MASK_THRESHOLD
     n = probabilities.shape[0]
     pairwise = torch.ones(n, n)
     for i in range(n):
@@ -67,6 +70,6 @@ def disagreement(probabilities: torch.Tensor) -> float:
     agreements = []
     for p in range(probabilities.shape[1]):
         organ = probabilities[:, p].float()
-        if (organ >= 0.5).any():
+        if (organ >= MASK_THRESHOLD).any():
             agreements.append(summarise(organ).mean_pairwise_agreement)
     return 1.0 - sum(agreements) / len(agreements) if agreements else 0.0

@@ -35,7 +35,7 @@ from .labels import ORGAN_IDS
 from .metrics import dice
 from .model import ProGiDiffModel
 from .pipeline import ProGiDiffPipeline, prompt_encoder_for
-from .proposals import summarise
+from .proposals import MASK_THRESHOLD, summarise
 from .text import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ class Trainer:
                     summary = summarise(probabilities[:, :, p])
                     scores.setdefault(organ, []).append(dice(summary.consensus, reference))
                     best.setdefault(organ, []).append(
-                        max(dice(probabilities[k, :, p] >= 0.5, reference) for k in range(probabilities.shape[0]))
+                        max(dice(probabilities[k, :, p] >= MASK_THRESHOLD, reference) for k in range(probabilities.shape[0]))
                     )
             result = {
                 "dice": {o: sum(v) / len(v) for o, v in scores.items()},

@@ -19,7 +19,7 @@ from monai import transforms as mt
 from .dicom_check import CheckDicomSeriesd
 from .labels import ORGAN_IDS
 from .pipeline import ProGiDiffPipeline
-from .proposals import summarise
+from .proposals import MASK_THRESHOLD, summarise
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def organ_statistics(proposals: VolumeProposals, voxel_ml: float) -> dict[str, d
     stats = {}
     for p, organ in enumerate(proposals.organs):
         summary = summarise(proposals.organ_probabilities(p))
-        masks = proposals.organ_probabilities(p) >= 0.5
+        masks = proposals.organ_probabilities(p) >= MASK_THRESHOLD
         union = masks.any(dim=0)
         stats[organ] = {
             "label": ORGAN_IDS[organ],
