@@ -7,11 +7,13 @@ The conf keys are listed in the README; the model folder defaults to <repo>/mode
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 from typing import Any
 
+from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
@@ -26,8 +28,10 @@ from monailabel.tasks.activelearning.random import Random
 import progidiff
 from lib.activelearning.proposal_disagreement import ProposalDisagreement
 from lib.configs.progidiff import ProGiDiff
-from lib.datastore import SafeLocalDatastore
+from lib.datastore import SafeLocalDatastore, image_id_for
 from lib.infers.params import check_image_reference
+from lib.infers.progidiff import DATASTORE_ID
+from lib.routes import serve_off_the_event_loop
 from lib.scoring.proposal_uncertainty import ProposalUncertainty
 from progidiff.labels import ORGAN_IDS
 
@@ -47,7 +51,7 @@ class ProGiDiffApp(MONAILabelApp):
             name="ProGiDiff-Label",
             description="Text-prompted organ segmentation with several diffusion mask proposals per prompt",
             version=progidiff.__version__,
-            labels=dict(ORGAN_IDS),
+            labels=list(ORGAN_IDS),  # names in label-value order: OHIF's panel needs a list here
         )
         # Sampling proposals for every unlabelled image is minutes of CPU: score when asked
         # (POST /scoring/proposal_uncertainty), not after every label, sample and training, unless told to.
@@ -62,12 +66,25 @@ class ProGiDiffApp(MONAILabelApp):
         self.image_roots = [os.path.realpath(r.strip()) for r in roots]
         self.upload_dir = os.path.realpath(tempfile.gettempdir())
 
+    def on_init_complete(self) -> None:
+        """The server is up (MONAI Label calls this from its start-up, not from train subprocesses)."""
+        from monailabel.app import app as server
+
+        serve_off_the_event_loop(server)
+        super().on_init_complete()
+
     def infer(self, request: dict, datastore: Datastore | None = None) -> dict:
-        """Refuse unknown ids and paths outside the allowed folders before MONAI Label resolves them."""
+        """Refuse unknown ids and paths outside the allowed folders before MONAI Label resolves them; a viewer's
+        volume name reaches the id its upload was stored under; the task learns the image's datastore id."""
         store = datastore or self.datastore()
         ids = store.list_images() if isinstance(store, LocalDatastore) else None
-        check_image_reference(request.get("image"), ids, self.image_roots, self.upload_dir)
-        return super().infer(request, datastore)
+        image = request.get("image")
+        if ids is not None and isinstance(image, str) and image not in ids and not os.path.isabs(image):
+            with contextlib.suppress(HTTPException):
+                image = image_id_for(image) if image_id_for(image) in ids else image
+        check_image_reference(image, ids, self.image_roots, self.upload_dir)
+        in_datastore = ids is not None and image in ids
+        return super().infer({**request, "image": image, DATASTORE_ID: image if in_datastore else None}, datastore)
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):

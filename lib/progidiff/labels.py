@@ -18,8 +18,19 @@ from .prompts import KNOWN_ORGANS, UnknownPromptError, resolve_organ
 ORGAN_IDS: dict[str, int] = {organ: i + 1 for i, organ in enumerate(KNOWN_ORGANS)}
 
 
+# A proposal shown as a segment of its own: "liver - proposal 2 of 5" (ASCII: .seg.nrrd headers are ASCII).
+PROPOSAL_SEGMENT = " - proposal "
+
+
+def proposal_segment_name(organ: str, k: int, n: int) -> str:
+    """The segment name of proposal k (0-based) of n, counted 1-based for people; tightest first."""
+    return f"{organ}{PROPOSAL_SEGMENT}{k + 1} of {n}"
+
+
 def schema_organ(source_name: str) -> str | None:
-    """A source label name → the schema organ it belongs to, or None when the schema has no such organ."""
+    """A source label name → the schema organ it belongs to, or None when the schema has no such organ.
+    A picked proposal saved as it came ("liver - proposal 2 of 5") is that organ."""
+    source_name = source_name.split(PROPOSAL_SEGMENT)[0]
     if source_name.startswith("vertebrae"):  # TotalSegmentator's CT map labels each vertebra
         return "vertebrae"
     if source_name in ORGAN_IDS:

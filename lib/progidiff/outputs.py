@@ -19,8 +19,9 @@ import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
-from .labels import ORGAN_IDS
+from .labels import ORGAN_IDS, proposal_segment_name
 from .proposals import MASK_THRESHOLD
+from .terminology import organ_rgb
 from .volume import VolumeProposals
 
 Invert = Callable[[torch.Tensor], MetaTensor]
@@ -107,3 +108,27 @@ def maps_in_input_geometry(proposals: VolumeProposals, image: MetaTensor, transf
         best, index, _ = _most_likely(lambda s, k=k: each[k, s].float(), count, invert, per_pass)
         maps.append(_label_map(best, index, organs))
     return InputGeometryMaps(consensus, maps, probability, spread.numpy().astype(np.float32), affine)
+
+
+def renumber(label_map: np.ndarray, values: dict[str, int]) -> np.ndarray:
+    """A schema label map with each organ of `values` renumbered to its value there (others become 0)."""
+    lookup = np.zeros(256, dtype=np.uint8)
+    for organ, value in values.items():
+        lookup[ORGAN_IDS[organ]] = value
+    return lookup[label_map]
+
+
+def proposal_layers(maps: InputGeometryMaps, organs: list[str]) -> tuple[np.ndarray, list[str], dict[str, list[float]]]:
+    """Per organ its consensus and every proposal as binary layers [C, X, Y, Z] (uint8) that may overlap, with
+    their segment names ("liver", "liver - proposal 1 of 5", ...: tightest first) and display colours (0..1)."""
+    n = len(maps.proposals)
+    layers, names, colours = [], [], {}
+    for organ in organs:
+        value = ORGAN_IDS[organ]
+        rgb = [c / 255 for c in organ_rgb(organ)]
+        organ_maps = [(organ, maps.consensus)] + [(proposal_segment_name(organ, k, n), m) for k, m in enumerate(maps.proposals)]
+        for name, label_map in organ_maps:
+            layers.append((label_map == value).astype(np.uint8))
+            names.append(name)
+            colours[name] = rgb
+    return np.stack(layers), names, colours

@@ -1,5 +1,8 @@
 """The app's local datastore: MONAI Label's `LocalDatastore`, checked and atomic.
 
+- Viewer names: 3D Slicer uploads a volume under its node name ("5: CT ABDOMEN") and then infers and saves
+  labels under that same name; such a name is stored under a safe id derived from it (`image_id_for`,
+  reported in the upload's response) and every later request naming the volume reaches that id.
 - Checked: an uploaded image must be a readable 3D image, a label a readable image of its image's
   shape, and ids and tags plain names (no `/`, no `..`); anything else gets HTTP 400 saying what is
   accepted, before anything is written.  (A tag of "../../x" would otherwise write outside the studies.)
@@ -12,6 +15,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +35,19 @@ logger = logging.getLogger(__name__)
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ACCEPTED_FILES = "NIfTI (.nii, .nii.gz) or NRRD (.nrrd) holding one 3D volume"
+
+
+def image_id_for(name: str) -> str:
+    """The id an image is stored under: `name` itself when it is a plain name, else (a viewer's volume name
+    such as "5: CT ABDOMEN") its plain characters plus a short digest of the whole name, so two names never
+    meet. Names that look like paths (`/`, `\\`, `..`) or hold control characters are refused."""
+    if isinstance(name, str) and SAFE_NAME.match(name) and ".." not in name:
+        return name
+    if (not isinstance(name, str) or not name.strip() or len(name) > 128 or any(c in name for c in "/\\")
+            or ".." in name or any(ord(c) < 32 for c in name)):
+        check_name("image id", name)  # raises, saying what is accepted
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:100] or "image"
+    return f"{base}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def check_name(kind: str, value: str) -> str:
@@ -70,9 +87,31 @@ class SafeLocalDatastore(LocalDatastore):
         else:
             self._init_from_datastore_file()
 
+    def known_id(self, image_id: str) -> str:
+        """`image_id` as stored: a viewer's volume name reaches the id its upload was stored under."""
+        if image_id in self._datastore.objects:
+            return image_id
+        try:
+            mapped = image_id_for(image_id)
+        except HTTPException:
+            return image_id
+        return mapped if mapped in self._datastore.objects else image_id
+
+    def get_image_uri(self, image_id: str) -> str:
+        return super().get_image_uri(self.known_id(image_id))
+
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        return super().get_image_info(self.known_id(image_id))
+
+    def get_label_by_image_id(self, image_id: str, tag: str) -> str:
+        return super().get_label_by_image_id(self.known_id(image_id), tag)
+
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        return super().get_label_uri(self.known_id(label_id), label_tag)  # a label's id is its image's
+
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         derived_id, image_ext = self._to_id(os.path.basename(image_filename))
-        image_id = check_name("image id", image_id or derived_id)
+        image_id = image_id_for(image_id or derived_id)
         spatial_shape(image_filename, "image")
         name = self._filename(image_id, image_ext)
         with FileLock(self._lock_file):
@@ -84,7 +123,8 @@ class SafeLocalDatastore(LocalDatastore):
         return image_id
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        check_name("image id", image_id)
+        image_id_for(image_id)  # refuses names that look like paths, saying what is accepted
+        image_id = self.known_id(image_id)
         check_name("label tag", label_tag)
         obj = self._datastore.objects.get(image_id)
         if not obj:

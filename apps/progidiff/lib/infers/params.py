@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import HTTPException
+from monailabel.utils.others.generic import strtobool
 
 from lib.datastore import SAFE_NAME
 from progidiff.prompts import UnknownPromptError, parse_prompt
@@ -14,6 +15,8 @@ from progidiff.prompts import UnknownPromptError, parse_prompt
 MAX_PROMPT_CHARS = 500
 MAX_STEPS = 200
 MODALITIES = ("auto", "CT", "MR")
+# How the returned label map numbers the organs (see `label_values`).
+LABEL_VALUES = ("auto", "compact", "model")
 
 
 def bad_request(message: str) -> HTTPException:
@@ -29,6 +32,14 @@ class InferParams:
     seed: int
     proposal: int | None  # return this proposal instead of the consensus
     modality: str
+    label_values: str = "compact"  # "compact" (1..K in `organs` order) or "model" (the model's label ids)
+    proposal_layers: bool = False  # return a .seg.nrrd: per organ the consensus and every proposal as a segment
+
+    def values(self, organ_ids: dict[str, int]) -> dict[str, int]:
+        """Organ → its value in the returned label map."""
+        if self.label_values == "model":
+            return {organ: organ_ids[organ] for organ in self.organs}
+        return {organ: k for k, organ in enumerate(self.organs, start=1)}
 
 
 def _integer(data: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
@@ -46,9 +57,59 @@ def _integer(data: dict[str, Any], key: str, default: int, low: int, high: int) 
     return number
 
 
+def label_values(data: dict[str, Any]) -> str:
+    """Which numbering the client reads the returned label map with.
+
+    - "compact": values 1..K in the order of `label_names` in the JSON result. 3D Slicer's module sorts
+      `label_names` by value and gives its i-th segment the voxels of value i+1, so values must run 1..K.
+    - "model": each organ keeps the model's label id, as `/info` lists them. OHIF's panel asks with
+      `output=image` (it never sees `label_names`) and maps values through the model's labels in `/info`.
+    "auto" (the default) takes "model" for OHIF's client, which marks every infer with MONAI Label's
+    `restore_label_idx` ("return the indexes as defined in the config file") or sends `label_prompt`,
+    and "compact" otherwise.
+    """
+    value = data.get("label_values", "auto") or "auto"
+    if value not in LABEL_VALUES:
+        raise bad_request(f"'label_values' must be one of {', '.join(LABEL_VALUES)}; got {value!r}")
+    if value == "auto":
+        return "model" if "restore_label_idx" in data or data.get("label_prompt") else "compact"
+    return value
+
+
+def organs_from_label_prompt(label_prompt: Any, organ_ids: dict[str, int], known_organs: tuple[str, ...]) -> tuple[str, ...]:
+    """OHIF's Class Prompts: `label_prompt` lists the ticked organs by their label ids in `/info`."""
+    by_id = {value: organ for organ, value in organ_ids.items() if organ in known_organs}
+    accepted = f"a list of label ids from /info (model labels: {', '.join(f'{o}={v}' for v, o in by_id.items())})"
+    if not isinstance(label_prompt, list) or not label_prompt:
+        raise bad_request(f"'label_prompt' must be {accepted}; got {label_prompt!r}")
+    organs: list[str] = []
+    for item in label_prompt:
+        try:
+            organ = by_id[int(item)] if not isinstance(item, bool) and float(item) == int(item) else None
+        except (TypeError, ValueError, KeyError, OverflowError):
+            organ = None
+        if organ is None:
+            raise bad_request(f"'label_prompt' holds {item!r}, which is no label of this model; accepted: {accepted}")
+        if organ not in organs:
+            organs.append(organ)
+    return tuple(organs)
+
+
+def _flag(data: dict[str, Any], key: str, default: bool) -> bool:
+    value = data.get(key, default)
+    try:
+        return strtobool(value if isinstance(value, bool) else str(value))
+    except ValueError:
+        raise bad_request(f"'{key}' must be true or false; got {value!r}") from None
+
+
 def parse_params(
-    data: dict[str, Any], defaults: dict[str, Any], max_proposals: int, known_organs: tuple[str, ...]
+    data: dict[str, Any], defaults: dict[str, Any], max_proposals: int, known_organs: tuple[str, ...],
+    organ_ids: dict[str, int],
 ) -> InferParams:
+    if data.get("label_prompt") not in (None, []):
+        organs = organs_from_label_prompt(data["label_prompt"], organ_ids, known_organs)
+        return _with_organs(data, defaults, max_proposals, ", ".join(organs), organs)
     prompt = data.get("prompt", defaults["prompt"])
     if not isinstance(prompt, str) or not prompt.strip():
         raise bad_request(f"'prompt' must name one or more organs (e.g. 'liver', 'left kidney, spleen', "
@@ -59,7 +120,11 @@ def parse_params(
         organs = tuple(parse_prompt(prompt, known=known_organs))
     except UnknownPromptError as error:
         raise bad_request(str(error)) from None
+    return _with_organs(data, defaults, max_proposals, prompt.strip(), organs)
 
+
+def _with_organs(data: dict[str, Any], defaults: dict[str, Any], max_proposals: int, prompt: str,
+                 organs: tuple[str, ...]) -> InferParams:
     num_proposals = _integer(data, "num_proposals", defaults["num_proposals"], 1, max_proposals)
     proposal_value = data.get("proposal")
     proposal = None
@@ -70,13 +135,15 @@ def parse_params(
     if not matched:
         raise bad_request(f"'modality' must be one of {', '.join(MODALITIES)}; got {modality!r}")
     return InferParams(
-        prompt=prompt.strip(),
+        prompt=prompt,
         organs=organs,
         num_proposals=num_proposals,
         steps=_integer(data, "steps", defaults["steps"], 1, MAX_STEPS),
         seed=_integer(data, "seed", defaults["seed"], 0, 2**31 - 1),
         proposal=proposal,
         modality=matched[0],
+        label_values=label_values(data),
+        proposal_layers=_flag(data, "proposal_layers", defaults.get("proposal_layers", False)),
     )
 
 

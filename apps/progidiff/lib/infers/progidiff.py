@@ -28,6 +28,7 @@ from monai.transforms import Compose
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.transform.writer import Writer
 
 from lib.infers.params import InferParams, bad_request, parse_params
 from progidiff import lora
@@ -36,12 +37,22 @@ from progidiff.labels import ORGAN_IDS
 from progidiff.modality import resolve_modality
 from progidiff.model import CONFIG_NAME, ProGiDiffModel
 from progidiff.pipeline import ProGiDiffPipeline, prompt_encoder_for
-from progidiff.outputs import InputGeometryMaps, bytes_needed, input_voxels, maps_in_input_geometry
+from progidiff.outputs import (
+    InputGeometryMaps,
+    bytes_needed,
+    input_voxels,
+    maps_in_input_geometry,
+    proposal_layers,
+    renumber,
+)
 from progidiff.volume import VolumeProposals, loading_transforms, organ_statistics, reading_error, segment_volume
 
 logger = logging.getLogger(__name__)
 
 RESULT_CACHE_SIZE = 4
+SEG_NRRD = ".seg.nrrd"
+# Set by the app on every request: the datastore id of the request's image (None for uploads and paths).
+DATASTORE_ID = "progidiff_datastore_id"
 PUBLISH_WAIT_TRIES = 100
 
 
@@ -69,6 +80,7 @@ class ProGiDiffInfer(BasicInferTask):
                 "seed": 0,
                 "proposal": -1,
                 "modality": "auto",
+                "proposal_layers": False,
             },
         )
         self.model_dir = Path(model_dir)
@@ -151,8 +163,11 @@ class ProGiDiffInfer(BasicInferTask):
     def __call__(self, request, callbacks=None):
         # Check the request before loading anything, and answer 400 with what is accepted.
         merged = {**copy.deepcopy(self._config), **request}
-        params = parse_params(merged, self._config, self.settings.max_proposals, self.known_organs())
-        label_file, result = super().__call__({**request, "volume": request.get("image"), "progidiff": params}, callbacks)
+        params = parse_params(merged, self._config, self.settings.max_proposals, self.known_organs(), ORGAN_IDS)
+        request = {**request, "volume": request.get("image"), "progidiff": params}
+        if params.proposal_layers:  # one segment per layer: only .seg.nrrd holds them (3D Slicer loads it as is)
+            request["result_extension"] = SEG_NRRD
+        label_file, result = super().__call__(request, callbacks)
         result["label_names"] = result.pop("progidiff_label_names", result.get("label_names"))
         return label_file, result
 
@@ -204,6 +219,8 @@ class ProGiDiffInfer(BasicInferTask):
         model_voxels = int(np.prod(image.shape[1:]))
         voxels = input_voxels(image)
         needed = n * p * model_voxels * 2 + bytes_needed(n, p, voxels)
+        if params.proposal_layers:
+            needed += p * (n + 1) * voxels  # one uint8 layer per organ and proposal, plus its consensus
         limit = self.settings.max_memory_gb * 2**30
         if needed > limit:
             raise bad_request(
@@ -252,10 +269,15 @@ class ProGiDiffInfer(BasicInferTask):
         maps = maps_in_input_geometry(proposals, data[self.input_key],
                                       Compose(data.pop("progidiff_pre_transforms")), self.input_key)
         chosen = maps.proposals[params.proposal] if params.proposal is not None else maps.consensus
+        values = params.values(ORGAN_IDS)
 
         stored = self._store_outputs(data, maps)
+        if params.proposal_layers:
+            pred, data["progidiff_segments"], data["color_map"] = proposal_layers(maps, organs)
+        else:
+            pred = renumber(chosen, values)
         # the writer takes the affine from here
-        data["pred"] = MetaTensor(torch.from_numpy(chosen), affine=torch.as_tensor(maps.affine))
+        data["pred"] = MetaTensor(torch.from_numpy(pred), affine=torch.as_tensor(maps.affine))
         if not data.get("result_extension"):
             data["result_extension"] = ".nii.gz"
         data["result"] = {
@@ -273,24 +295,24 @@ class ProGiDiffInfer(BasicInferTask):
             "sampling_seconds": round(float(data.get("progidiff_seconds", 0.0)), 3),
             "organ_stats": data.get("progidiff_stats", {}),
             "stored_tags": stored,
-            "progidiff_label_names": {o: ORGAN_IDS[o] for o in organs},
+            "label_values": params.label_values,
+            "progidiff_label_names": values,
         }
+        if params.proposal_layers:
+            data["result"]["segments"] = data["progidiff_segments"]
         return data
 
-    def _image_id(self, data: dict[str, Any]) -> str | None:
-        """The datastore id of the request's image (None for uploads and paths outside the datastore)."""
-        if self.datastore is None:
-            return None
-        path = os.path.realpath(str(data.get("image_path", "")))
-        datastore = self.datastore()
-        for image_id in datastore.list_images():
-            if os.path.realpath(datastore.get_image_uri(image_id)) == path:
-                return image_id
-        return None
+    def writer(self, data: dict[str, Any], extension=None, dtype=None):
+        """MONAI Label's writer; proposal layers keep their segment names (its default puts the model's labels)."""
+        segments = data.get("progidiff_segments")
+        if segments is None:
+            return super().writer(data, extension, dtype)
+        data["labels"] = segments
+        return Writer(label=self.output_label_key, json=self.output_json_key)(data)
 
     def _store_outputs(self, data: dict[str, Any], maps: InputGeometryMaps) -> list[str]:
-        image_id = self._image_id(data)
-        if image_id is None:
+        image_id = data.get(DATASTORE_ID)
+        if image_id is None or self.datastore is None:
             return []
         params: InferParams = data["progidiff"]
         outputs = {f"proposal_{k}": m for k, m in enumerate(maps.proposals)}

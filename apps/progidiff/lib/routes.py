@@ -1,0 +1,85 @@
+"""Serve MONAI Label's heavy endpoints off the server's event loop, so the server stays responsive.
+
+MONAI Label 0.8.5 declares every endpoint `async def` and runs its work inline: while one request samples
+proposals (tens of seconds on a CPU) or scores images for active learning, the event loop is blocked and
+even `/info` waits (its `MONAI_LABEL_INFER_CONCURRENCY` pool does not help: the endpoint blocks on the
+pool's result). The same endpoints declared as plain `def` run in FastAPI's thread pool instead. Each one
+here calls MONAI Label's own endpoint function, with the same parameters and the same permissions, and
+is put in front of MONAI Label's route for the same path. Sampling itself stays one request at a time
+(the infer task's lock); `/info`, `/datastore` and the viewers' polling answer meanwhile.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, File, Form, UploadFile
+from monailabel.config import settings
+from monailabel.endpoints import activelearning, datastore, infer, scoring
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.datastore import DefaultLabelTag
+
+router = APIRouter()
+
+
+@router.post("/infer/{model}")
+def run_inference(
+    background_tasks: BackgroundTasks,
+    model: str,
+    image: str = "",
+    session_id: str = "",
+    params: str = Form("{}"),
+    file: UploadFile = File(None),
+    label: UploadFile = File(None),
+    output: Optional[infer.ResultType] = None,
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+):
+    return infer.run_inference(background_tasks, model, image, session_id, params, file, label, output)
+
+
+@router.post("/activelearning/{strategy}")
+def next_sample(strategy: str, params: Optional[dict] = None,
+                user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    return activelearning.sample(strategy, params, user.username)
+
+
+@router.post("/scoring/{method}")
+def run_scoring(method: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
+                user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
+    return scoring.run_method(method, params, run_sync)
+
+
+@router.put("/datastore/")
+@router.put("/datastore/image")
+def add_image(
+    background_tasks: BackgroundTasks,
+    image: Optional[str] = None,
+    params: str = Form("{}"),
+    file: UploadFile = File(...),
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+):
+    return datastore.add_image(background_tasks, image, params, file, user.username)
+
+
+@router.put("/datastore/label")
+def save_label(
+    background_tasks: BackgroundTasks,
+    image: str,
+    params: str = Form("{}"),
+    tag: str = DefaultLabelTag.FINAL.value,
+    label: UploadFile = File(...),
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+):
+    return datastore.save_label(background_tasks, image, params, tag, label, user.username)
+
+
+def serve_off_the_event_loop(server: FastAPI) -> None:
+    """Put this module's routes in front of MONAI Label's for the same paths (Starlette takes the first match)."""
+    if getattr(server.state, "progidiff_routes", False):
+        return
+    before = len(server.router.routes)
+    server.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
+    added = server.router.routes[before:]
+    del server.router.routes[before:]
+    server.router.routes[0:0] = added
+    server.state.progidiff_routes = True
