@@ -11,7 +11,7 @@ import requests
 from requests_toolbelt.multipart import decoder
 
 from conftest import save_awake_tiny_model
-from dicom_series import write_series
+from progidiff.dicom_series import write_series
 from progidiff.prompts import KNOWN_ORGANS
 from server import ROOT, Server, copy_studies
 
@@ -90,7 +90,7 @@ def test_two_organs_and_their_proposals_in_the_datastore(server):
     assert response.status_code == 200, response.text
     result = response.json()
     assert result["label_names"] == {"kidney_left": 3, "spleen": 2}
-    assert result["stored_tags"] == ["proposal_0", "proposal_1", "probability", "uncertainty"]
+    assert result["stored_tags"] == ["consensus", "proposal_0", "proposal_1", "probability", "uncertainty"]
     source = nib.load(SAMPLE / f"{IMAGE}.nii.gz")
     for tag in result["stored_tags"]:
         got = requests.get(f"{server.url}/datastore/label", params={"label": IMAGE, "tag": tag}, timeout=60)

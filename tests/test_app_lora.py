@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from conftest import save_awake_tiny_model
-from dicom_series import write_series
+from progidiff.dicom_series import write_series
 from progidiff.model import CONTROL_WEIGHTS
 from server import ROOT, Server, copy_studies
 

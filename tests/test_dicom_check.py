@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dicom_series import write_series
+from progidiff.dicom_series import write_series
 from progidiff.dicom_check import check_series_folder
 from progidiff.predict import load_volume
 

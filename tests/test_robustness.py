@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from conftest import save_awake_tiny_model, tiny_config, weights_digest
-from dicom_series import write_series
+from progidiff.dicom_series import write_series
 from progidiff import lora
 from progidiff.model import ProGiDiffModel
 from server import ROOT, Server, copy_studies

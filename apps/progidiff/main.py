@@ -29,6 +29,7 @@ import progidiff
 from lib.activelearning.proposal_disagreement import ProposalDisagreement
 from lib.configs.progidiff import ProGiDiff
 from lib.datastore import SafeLocalDatastore, image_id_for
+from lib.dicomweb import ProGiDiffDICOMWebDatastore
 from lib.infers.params import check_image_reference
 from lib.infers.progidiff import DATASTORE_ID
 from lib.routes import serve_off_the_event_loop
@@ -88,13 +89,20 @@ class ProGiDiffApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()  # DICOMweb & co: MONAI Label's own
+            self.studies = self.studies.rstrip("/").strip()
+            if settings.MONAI_LABEL_DATASTORE.lower() in ("xnat", "dsa"):
+                return super().init_datastore()
+            return ProGiDiffDICOMWebDatastore.from_settings(self.studies)
         return SafeLocalDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
+
+    def _download_dcmqi_tools(self) -> None:
+        """MONAI Label downloads dcmqi at start-up in DICOMweb mode (and fails offline); SEG is written without it."""
+        logger.info("DICOM-SEG is written with pydicom-seg: dcmqi is not needed and not downloaded")
 
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}

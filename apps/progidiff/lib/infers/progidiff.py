@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import os
 import tempfile
@@ -30,6 +31,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.transform.writer import Writer
 
+from lib.dicomweb import CONTENT_DESCRIPTION, MACHINE_SERIES, SERIES_DESCRIPTION
 from lib.infers.params import InferParams, bad_request, parse_params
 from progidiff import lora
 from progidiff.io_utils import published_folders, recover_directories, recover_directory
@@ -315,16 +317,28 @@ class ProGiDiffInfer(BasicInferTask):
         if image_id is None or self.datastore is None:
             return []
         params: InferParams = data["progidiff"]
-        outputs = {f"proposal_{k}": m for k, m in enumerate(maps.proposals)}
-        outputs["probability"] = maps.probability
-        outputs["uncertainty"] = maps.uncertainty
+        n = len(maps.proposals)
+        # What a PACS shows of each (DICOMweb datastores send these as DICOM-SEG; 64 characters are kept).
+        about = f"seed {params.seed} | model {self.short_version()} | {', '.join(params.organs)}"
+        order = f"proposals run from 1, the tightest, to {n}, the most generous"
+        outputs = {"consensus": (maps.consensus, {SERIES_DESCRIPTION: f"{MACHINE_SERIES}consensus of {n} | {about}",
+                                                  CONTENT_DESCRIPTION: f"mean of {n} proposals at least 0.5"})}
+        for k, proposal in enumerate(maps.proposals):
+            outputs[f"proposal_{k}"] = (proposal, {SERIES_DESCRIPTION: f"{MACHINE_SERIES}proposal {k + 1} of {n} | {about}",
+                                                   CONTENT_DESCRIPTION: order})
+        outputs["probability"] = (maps.probability, {})
+        outputs["uncertainty"] = (maps.uncertainty, {})
         info = {"prompt": params.prompt, "organs": list(params.organs), "seed": params.seed, "steps": params.steps,
                 "label_names": {o: ORGAN_IDS[o] for o in params.organs}}
         datastore = self.datastore()
         with tempfile.TemporaryDirectory() as tmp:
-            for tag, array in outputs.items():
+            for tag, (array, described) in outputs.items():
                 path = os.path.join(tmp, f"{image_id}.nii.gz")
                 nib.save(nib.Nifti1Image(array, maps.affine), path)
-                datastore.save_label(image_id, path, tag, {**info, "tag": tag})
+                datastore.save_label(image_id, path, tag, {**info, "tag": tag, **described})
         return list(outputs)
+
+    def short_version(self) -> str:
+        """A short name of the served weights (and adapters), for people: changes with every publish."""
+        return hashlib.sha256(self.model_version().encode()).hexdigest()[:8]
 
