@@ -86,6 +86,13 @@ def write_dicom_seg(label_file: str | Path, series_dir: str | Path, values: dict
         "BodyPartExamined": "",
         "segmentAttributes": [segment_attributes(values, series.automatic)],
     })
+    for segment in template.SegmentSequence:
+        # DICOM nests the laterality inside the type's code item (Segment Description macro); pydicom-seg
+        # leaves it beside it, where viewers do not look.
+        if "SegmentedPropertyTypeModifierCodeSequence" in segment:
+            segment.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = (
+                segment.SegmentedPropertyTypeModifierCodeSequence)
+            del segment.SegmentedPropertyTypeModifierCodeSequence
     writer = pydicom_seg.MultiClassWriter(template=template, inplane_cropping=False, skip_empty_slices=True,
                                           skip_missing_segment=True)
     sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in sorted(Path(series_dir).iterdir())

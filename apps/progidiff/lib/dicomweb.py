@@ -17,6 +17,9 @@ import os
 import tempfile
 from typing import Any
 
+import pydicom
+import SimpleITK as sitk
+
 from dicomweb_client.session_utils import create_session_from_user_pass
 from fastapi import HTTPException
 from monailabel.config import settings
@@ -25,7 +28,8 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 from progidiff.dicom_seg import SegSeries, write_dicom_seg
-from progidiff.labels import ORGAN_IDS, class_map_from_label_info, schema_organ
+from progidiff.io_utils import atomic_file
+from progidiff.labels import ORGAN_IDS, class_map_from_label_info, schema_organ, to_schema
 from pydicom import Dataset
 
 logger = logging.getLogger(__name__)
@@ -68,6 +72,18 @@ def organ_values(label_info: dict[str, Any]) -> dict[str, int]:
     return values
 
 
+def to_schema_by_segment_names(label_file: str, seg_dir: str) -> None:
+    """Rewrite a label map converted from a SEG (values = segment numbers) in the schema's values, by the
+    segments' names; segments naming no organ of the schema become background."""
+    seg = pydicom.dcmread(os.path.join(seg_dir, sorted(os.listdir(seg_dir))[0]), stop_before_pixels=True)
+    class_map = {int(segment.SegmentNumber): str(segment.SegmentLabel) for segment in seg.SegmentSequence}
+    image = sitk.ReadImage(label_file)
+    relabelled = sitk.GetImageFromArray(to_schema(sitk.GetArrayFromImage(image), class_map))
+    relabelled.CopyInformation(image)
+    with atomic_file(label_file) as tmp:  # keeps the extension: SimpleITK writes by it
+        sitk.WriteImage(relabelled, str(tmp))
+
+
 class ProGiDiffDICOMWebDatastore(DICOMWebDatastore):
     def __init__(self, client: DICOMwebClientX, **kwargs):
         super().__init__(client, **kwargs)
@@ -97,6 +113,21 @@ class ProGiDiffDICOMWebDatastore(DICOMWebDatastore):
                                                                                      "fetched": False}},
                                                        "labels": {}})
         return listing
+
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """A final label saved through this server is read as saved (with the organ names it came with); one
+        that another tool stored in the PACS is fetched, converted, and brought into the schema by the names of
+        its segments (a SEG numbers its segments 1..K in its own order)."""
+        if label_tag == DefaultLabelTag.FINAL and image_id:
+            saved = LocalDatastore.get_label_uri(self, image_id, label_tag)
+            if saved and os.path.exists(saved):
+                return saved
+        uri = super().get_label_uri(label_id, label_tag, image_id)
+        if label_tag == DefaultLabelTag.FINAL and uri and image_id:
+            stored = LocalDatastore.get_label_uri(self, image_id, label_tag)  # the converted copy training reads
+            to_schema_by_segment_names(stored, os.path.join(self._datastore.label_path(label_tag), label_id))
+            return stored
+        return uri
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any],
                    label_id: str = "") -> str:
