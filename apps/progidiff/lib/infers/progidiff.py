@@ -39,6 +39,7 @@ from progidiff.labels import ORGAN_IDS
 from progidiff.modality import resolve_modality
 from progidiff.model import CONFIG_NAME, ProGiDiffModel
 from progidiff.pipeline import ProGiDiffPipeline, prompt_encoder_for
+from progidiff.proposals import MASK_THRESHOLD
 from progidiff.outputs import (
     InputGeometryMaps,
     bytes_needed,
@@ -322,7 +323,7 @@ class ProGiDiffInfer(BasicInferTask):
         about = f"seed {params.seed} | model {self.short_version()} | {', '.join(params.organs)}"
         order = f"proposals run from 1, the tightest, to {n}, the most generous"
         outputs = {"consensus": (maps.consensus, {SERIES_DESCRIPTION: f"{MACHINE_SERIES}consensus of {n} | {about}",
-                                                  CONTENT_DESCRIPTION: f"mean of {n} proposals at least 0.5"})}
+                                                  CONTENT_DESCRIPTION: f"mean of {n} proposals at least {MASK_THRESHOLD:g}"})}
         for k, proposal in enumerate(maps.proposals):
             outputs[f"proposal_{k}"] = (proposal, {SERIES_DESCRIPTION: f"{MACHINE_SERIES}proposal {k + 1} of {n} | {about}",
                                                    CONTENT_DESCRIPTION: order})
