@@ -12,6 +12,7 @@ from requests_toolbelt.multipart import decoder
 
 from conftest import save_awake_tiny_model
 from progidiff.dicom_series import write_series
+from progidiff.labels import ORGAN_IDS
 from progidiff.prompts import KNOWN_ORGANS
 from server import ROOT, Server, copy_studies
 
@@ -89,7 +90,8 @@ def test_two_organs_and_their_proposals_in_the_datastore(server):
     response = infer(server, {"prompt": "left kidney, spleen", "seed": 2, "num_proposals": 2}, output="json")
     assert response.status_code == 200, response.text
     result = response.json()
-    assert result["label_names"] == {"kidney_left": 3, "spleen": 2}
+    assert result["label_names"] == {"kidney_left": 1, "spleen": 2}  # the returned map: 1..K, as Slicer imports
+    assert result["label_values"] == "compact"
     assert result["stored_tags"] == ["consensus", "proposal_0", "proposal_1", "probability", "uncertainty"]
     source = nib.load(SAMPLE / f"{IMAGE}.nii.gz")
     for tag in result["stored_tags"]:
@@ -98,8 +100,8 @@ def test_two_organs_and_their_proposals_in_the_datastore(server):
         volume = load_nifti_bytes(got.content)
         assert volume.shape == source.shape
         data = np.asarray(volume.dataobj)
-        if tag.startswith("proposal_"):
-            assert set(np.unique(data)) <= {0, 2, 3}
+        if tag.startswith("proposal_") or tag == "consensus":
+            assert set(np.unique(data)) <= {0, 2, 3}  # stored labels keep the schema's ids
         else:
             assert data.dtype == np.float32 and 0 <= data.min() and data.max() <= 1
 
@@ -119,7 +121,9 @@ def test_asking_for_proposal_k_reuses_the_samples(server):
     assert result["cached"] is True and first["cached"] is False
     assert result["returned"] == "proposal_1"
     stored = requests.get(f"{server.url}/datastore/label", params={"label": IMAGE, "tag": "proposal_1"}, timeout=60)
-    assert np.array_equal(np.asarray(label.dataobj), np.asarray(load_nifti_bytes(stored.content).dataobj))
+    stored_aorta = np.asarray(load_nifti_bytes(stored.content).dataobj) == ORGAN_IDS["aorta"]  # schema id there
+    assert result["label_names"] == {"aorta": 1}
+    assert np.array_equal(np.asarray(label.dataobj) == 1, stored_aorta)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -51,10 +53,17 @@ def test_lora_training_publishes_an_adapter_that_mr_requests_use(server):
     assert server.wait_for_task("train")["status"] == "DONE", server.log_tail()
 
     adapter = Path(server.conf["model_path"]).parent / "adapters" / "mr"
+    stats = requests.get(f"{server.url}/info/", timeout=30).json()["train_stats"]["progidiff_mr_lora"]
+    # Published only if it beat what MR studies got so far (no adapter: the bare model) on the same validation.
+    assert stats["published"] == (stats["best_metric"] > stats["served_val_mean_dice"])
+    if not stats["published"]:  # the admin's explicit way
+        assert not adapter.exists()
+        done = subprocess.run([sys.executable, "-m", "progidiff.promote", stats["candidate"], str(adapter)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     model_bytes = (Path(server.conf["model_path"]) / "controlnet" / CONTROL_WEIGHTS).stat().st_size
     assert (adapter / "adapter_model.safetensors").stat().st_size < 0.1 * model_bytes
-    stats = requests.get(f"{server.url}/info/", timeout=30).json()["train_stats"]["progidiff_mr_lora"]
     assert 0 < stats["trainable_share"] < 0.05 and stats["trainable_parameters"] > 0
 
     adapted = infer(server, "phantom_001_mr")  # by the intensity rule (NIfTI has no modality tag)

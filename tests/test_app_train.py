@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -69,8 +73,13 @@ def test_put_label_train_publish_and_serve(server):
     status = server.wait_for_task("train")
     assert status["status"] == "DONE", f"{status}\n{server.log_tail()}"
 
-    assert weights_digest(Path(server.conf["model_path"])) != before_digest
     stats = requests.get(f"{server.url}/info/", timeout=30).json()["train_stats"]["progidiff"]
+    # Published only if the run's best epoch beat the served model on the same validation slices.
+    assert stats["published"] == (stats["best_metric"] > stats["served_val_mean_dice"])
+    if not stats["published"]:  # the admin's explicit way: promote the candidate
+        assert weights_digest(Path(server.conf["model_path"])) == before_digest
+        promote(stats["candidate"], server.conf["model_path"])
+    assert weights_digest(Path(server.conf["model_path"])) != before_digest
     assert stats["epoch"] == 2 and "total_time" in stats
     assert 0.0 <= stats["eval"]["metrics"]["val_mean_dice"] <= 1.0
     assert [h["epoch"] for h in stats["history"]] == [1, 2]
@@ -80,6 +89,47 @@ def test_put_label_train_publish_and_serve(server):
     after = infer_json(server, "phantom_000")  # no restart: the infer task reloads the published model
     assert not after["cached"]
     assert after["organ_stats"] != before["organ_stats"]
+
+
+def promote(candidate: str, model_dir: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "progidiff.promote", candidate, model_dir], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def folder_digest(folder: Path) -> str:
+    """SHA-256 over every file of a folder (names and bytes): byte-identical or not."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_a_run_that_does_not_beat_the_served_model_leaves_it_byte_identical(tmp_path):
+    """A short, careless run (1 epoch at a learning rate that wrecks the weights) on the default model: it is
+    validated against the served model first, is worse, and is kept as a candidate; the served folder is
+    byte-identical; promoting the candidate is an explicit step."""
+    model = shutil.copytree(ROOT / "model" / "progidiff_ct", tmp_path / "model")
+    before = folder_digest(model)
+    studies = copy_studies(SAMPLE, tmp_path / "studies")  # phantom_000 and phantom_001 have final labels
+    conf = {"model_path": str(model), "train_dir": str(tmp_path / "runs"), "num_proposals": "2", "steps": "1"}
+    with Server(studies, conf, tmp_path) as server:
+        careless = {"max_epochs": 1, "learning_rate": 0.05, "train_batch_size": 8, "val_proposals": 1, "val_steps": 1}
+        response = requests.post(f"{server.url}/train/progidiff", json=careless, timeout=60)
+        assert response.status_code == 200, response.text
+        status = server.wait_for_task("train", timeout=1200)
+        assert status["status"] == "DONE", f"{status}\n{server.log_tail()}"
+        stats = requests.get(f"{server.url}/info/", timeout=30).json()["train_stats"]["progidiff"]
+        assert stats["published"] is False and stats["published_epoch"] is None
+        assert stats["best_metric"] < stats["served_val_mean_dice"], stats
+        assert folder_digest(model) == before
+        ProGiDiffModel.from_pretrained(stats["candidate"])  # a whole model, kept beside the run
+
+        promote(stats["candidate"], str(model))
+        assert folder_digest(model) != before
+        served = requests.post(f"{server.url}/infer/progidiff", params={"image": "phantom_002", "output": "json"},
+                               files={"params": (None, json.dumps({"prompt": "liver"}))}, timeout=600)
+        assert served.status_code == 200, served.text
 
 
 def test_scoring_then_strategy_picks_highest(server):

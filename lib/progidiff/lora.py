@@ -139,6 +139,16 @@ def activate(model: ProGiDiffModel, name: str | None) -> None:
             module.disable_adapters()
 
 
+def remove_adapter(model: ProGiDiffModel, name: str) -> None:
+    """Drop adapter `name` from every part that has it (it must not be the active one)."""
+    if active_adapter(model) == name:
+        raise ValueError(f"adapter {name!r} is in use; activate another before removing it")
+    for part in PARTS:
+        module = getattr(model, part)
+        if name in (getattr(module, "peft_config", None) or {}):
+            module.delete_adapters(name)
+
+
 def active_adapter(model: ProGiDiffModel) -> str | None:
     return getattr(model, "active_lora", None)
 

@@ -5,9 +5,13 @@ label → train/val partition) and then, instead of MONAI's ignite trainer, the 
 (`progidiff.training.DiffusionTrainer`, the one `python -m progidiff.train` runs), so the app and
 the CLI train the same way.  The base UNet stays frozen; the control branch learns.
 
-An "epoch" is one pass over the training slices in expectation (slices / batch size steps).  After
-each epoch the EMA weights are validated (consensus Dice with the real sampler); the best epoch is
-published over the served model folder atomically, and the infer task picks it up on its next request.
+An "epoch" is one pass over the training slices in expectation (slices / batch size steps).  Training
+never degrades what is served: before the first step the served model is validated on the same
+validation slices, with the same sampler, as every epoch after it (consensus Dice of the EMA weights).
+An epoch is published over the served model folder (atomically; the infer task picks it up on its next
+request) only when it beats the best so far, the served model included.  The run's best epoch is always
+kept as a candidate beside the run (`<run>/candidate`, reported in the train stats); an admin who wants it
+anyway promotes it explicitly: `python -m progidiff.promote <run>/candidate <model folder>`.
 """
 
 from __future__ import annotations
@@ -141,12 +145,24 @@ class ProGiDiffTrain(BasicTrainTask):
         trainer = DiffusionTrainer(model, prompt_encoder_for(model), train_set, val_volumes, config,
                                    context.output_dir, device=device, on_validation=publisher)
         publisher.trainer = trainer
+        publisher.served = self.served_validation(trainer).get("mean_dice", -1.0)
+        logger.info("served model: validation mean Dice %.3f; an epoch is published only if it beats this",
+                    publisher.served)
         trainer.fit()
         return publisher.finish()
 
+    def served_validation(self, trainer: DiffusionTrainer) -> dict:
+        """What is served now, validated as every epoch will be: before the first step the EMA weights are the
+        served model's."""
+        return trainer.validate()
+
+    def save_to(self, trainer: DiffusionTrainer, directory: str | Path) -> None:
+        """Write the EMA weights as a model folder (atomic folder swap)."""
+        trainer.save_model(directory)
+
     def publish(self, trainer: DiffusionTrainer) -> None:
-        """Replace the served model folder with the EMA weights (atomic folder swap)."""
-        trainer.save_model(self._publish_path)
+        """Replace the served model folder with the EMA weights."""
+        self.save_to(trainer, self._publish_path)
 
     def _load(self, item: dict, spacing: float) -> Volume:
         return load_volume_pair(item["image"], item["label"], item.get("class_map") or "schema", spacing=spacing)
@@ -165,7 +181,8 @@ def _hold_out_blocks(volumes: list[Volume], share: float) -> tuple[list[Volume],
 
 
 class _EpochPublisher:
-    """After each epoch's validation: write MONAI Label train stats; publish the model when it is the best so far."""
+    """After each epoch's validation: write MONAI Label train stats; keep the run's best epoch as the candidate,
+    and publish it over the served model only when it beats the served model's validation (and earlier epochs)."""
 
     def __init__(self, task: ProGiDiffTrain, context: Context, steps_per_epoch: int, epochs: int):
         self.task = task
@@ -173,9 +190,15 @@ class _EpochPublisher:
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
         self.trainer: DiffusionTrainer | None = None
-        self.best = -1.0
+        self.served = -1.0  # validation mean Dice of the served model before this run
+        self.best = -1.0  # of this run's epochs
         self.best_epoch = 0
+        self.published_epoch: int | None = None
         self.history: list[dict] = []
+
+    @property
+    def candidate_path(self) -> Path:
+        return Path(self.context.output_dir) / "candidate"
 
     def __call__(self, step: int, entry: dict) -> None:
         epoch = math.ceil(step / self.steps_per_epoch)
@@ -183,9 +206,15 @@ class _EpochPublisher:
         self.history.append({"epoch": epoch, "step": step, **metrics})
         if entry["mean_dice"] > self.best:
             self.best, self.best_epoch = entry["mean_dice"], epoch
-            self.task.publish(self.trainer)
-            logger.info("epoch %d: validation mean Dice %.3f, best so far → published to %s",
-                        epoch, self.best, self.task._publish_path)
+            self.task.save_to(self.trainer, self.candidate_path)
+            if self.best > self.served:  # a new best of the run beats every earlier epoch too
+                self.task.publish(self.trainer)
+                self.published_epoch = epoch
+                logger.info("epoch %d: validation mean Dice %.3f beats the served model's %.3f → published to %s",
+                            epoch, self.best, self.served, self.task._publish_path)
+            else:
+                logger.info("epoch %d: validation mean Dice %.3f does not beat the served model's %.3f: kept as the "
+                            "candidate %s, not published", epoch, self.best, self.served, self.candidate_path)
         self._write_stats(epoch, metrics, done=epoch >= self.epochs)
 
     def finish(self) -> dict:
@@ -206,7 +235,11 @@ class _EpochPublisher:
                      "best_metric_epoch": self.best_epoch},
             "history": self.history,
             "tensorboard": str(Path(self.context.output_dir) / "tensorboard"),
-            "published": self.task._publish_path,
+            "served_val_mean_dice": self.served,
+            "published": self.published_epoch is not None,
+            "published_epoch": self.published_epoch,
+            "published_to": self.task._publish_path,
+            "candidate": str(self.candidate_path),
             **getattr(self.context, "trainable", {}),
         }
         with atomic_file(self.task._stats_path, suffix=".json") as tmp:

@@ -26,6 +26,8 @@ from progidiff.training import DiffusionTrainer
 
 logger = logging.getLogger(__name__)
 
+SERVED = "served"  # name under which the published adapter is loaded to validate it before a run
+
 
 def _flag(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
@@ -66,7 +68,24 @@ class ProGiDiffLoraTrain(ProGiDiffTrain):
             raise ValueError(f"no labelled {self.modality} images: save a 'final' label for at least one {self.modality} study")
         return keep
 
-    def publish(self, trainer: DiffusionTrainer) -> None:
+    def served_validation(self, trainer: DiffusionTrainer) -> dict:
+        """The adapter published for this modality (what its studies get now); with none, the bare model (the
+        new adapter starts as a no-op)."""
+        published = Path(self._publish_path)
+        if not (published / lora.ADAPTER_CONFIG).is_file():
+            return super().served_validation(trainer)
+        lora.load_adapter(trainer.model, published, SERVED)
+        lora.activate(trainer.model, SERVED)
+        try:
+            return trainer.validate()
+        finally:
+            lora.activate(trainer.model, self.modality.lower())
+            lora.remove_adapter(trainer.model, SERVED)
+            for param in trainer.params:  # loading froze the model: the new adapter trains again
+                param.requires_grad_(True)
+
+    def save_to(self, trainer: DiffusionTrainer, directory: str | Path) -> None:
+        """Write the adapter alone (adapter_config.json + safetensors), atomically."""
         with trainer.ema_weights():
-            lora.save_adapter(trainer.model, self.modality.lower(), self._publish_path, self.lora_settings,
+            lora.save_adapter(trainer.model, self.modality.lower(), directory, self.lora_settings,
                               extra={"modality": self.modality, "base_model": self.model_path})
