@@ -98,3 +98,21 @@ def test_concurrent_ct_and_mr_requests_match_sequential_answers(server):
         concurrent = list(pool.map(lambda item: infer(server, item[0], seed=item[1]), asked[:4]))
     assert not any(r["cached"] for r in concurrent)
     assert [(r["adapter"], r["organ_stats"]) for r in concurrent] == [(r["adapter"], r["organ_stats"]) for r in sequential[:4]]
+
+
+def test_a_second_run_is_measured_against_the_published_adapter(server):
+    """A careless second run (a learning rate that wrecks the adapter): validated first with the published
+    adapter, and the published adapter is replaced only if the run beats it."""
+    adapter = Path(server.conf["model_path"]).parent / "adapters" / "mr"
+    if not adapter.is_dir():
+        pytest.skip("needs the adapter published by the first test")
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    response = requests.post(f"{server.url}/train/progidiff_mr_lora", timeout=60, json={
+        "max_epochs": 1, "train_batch_size": 4, "val_proposals": 1, "val_steps": 1, "rank": 4, "learning_rate": 5.0})
+    assert response.status_code == 200, response.text
+    assert server.wait_for_task("train")["status"] == "DONE", server.log_tail()
+    stats = requests.get(f"{server.url}/info/", timeout=30).json()["train_stats"]["progidiff_mr_lora"]
+    assert "served model: validation mean Dice" in server.log_tail(200_000)
+    assert stats["published"] == (stats["best_metric"] > stats["served_val_mean_dice"])
+    after = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    assert (after == before) == (not stats["published"])
