@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -180,6 +181,24 @@ def test_an_image_uploaded_with_the_infer_request_is_accepted(server):
     response = requests.post(f"{server.url}/infer/progidiff", params={"output": "json"}, files=upload, timeout=600)
     assert response.status_code == 200, response.text
     assert response.json()["organs"] == ["liver"]
+
+
+def test_a_file_in_the_temporary_folder_is_not_an_upload(server):
+    """Only the file uploaded with this very request is accepted from the temporary folder."""
+    with tempfile.NamedTemporaryFile(suffix=".nii.gz", dir=tempfile.gettempdir()) as planted:
+        planted.write((SAMPLE / "phantom_000.nii.gz").read_bytes())
+        planted.flush()
+        response = infer(server, planted.name)
+    assert response.status_code == 403, response.text
+    assert "not accepted" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("raw", ["not json", "[1, 2]", "null", "7", "[" * 900 + "]" * 900, "1" * 5000])
+def test_params_that_are_not_a_json_object_get_400(server, raw):
+    response = requests.post(f"{server.url}/infer/progidiff", params={"image": "phantom_000", "output": "json"},
+                             files={"params": (None, raw)}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert "'params'" in response.json()["detail"] and "JSON object" in response.json()["detail"]
 
 
 def test_server_killed_during_training_restarts_on_the_last_published_model_and_adapter(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from typing import Any
 
 from fastapi import HTTPException
@@ -32,7 +31,7 @@ from lib.datastore import SafeLocalDatastore, image_id_for
 from lib.dicomweb import ProGiDiffDICOMWebDatastore
 from lib.infers.params import check_image_reference
 from lib.infers.progidiff import DATASTORE_ID
-from lib.routes import serve_off_the_event_loop
+from lib.routes import UPLOADS, serve_off_the_event_loop
 from lib.scoring.proposal_uncertainty import ProposalUncertainty
 from progidiff.labels import ORGAN_IDS
 
@@ -61,11 +60,10 @@ class ProGiDiffApp(MONAILabelApp):
         roots = [r for r in conf.get("image_roots", "").split(",") if r.strip()]
         if not self.studies.startswith(("http://", "https://")):
             roots.append(self.studies)
-        # MONAI Label's own places: sessions, and the temporary file an infer request's upload (`file`) is saved to.
+        # MONAI Label's sessions (an image uploaded with an infer request is allowed by `lib.routes.UPLOADS`).
         if self.sessions() is not None:
             roots.append(self.sessions().store_path)
         self.image_roots = [os.path.realpath(r.strip()) for r in roots]
-        self.upload_dir = os.path.realpath(tempfile.gettempdir())
 
     def on_init_complete(self) -> None:
         """The server is up (MONAI Label calls this from its start-up, not from train subprocesses)."""
@@ -83,7 +81,7 @@ class ProGiDiffApp(MONAILabelApp):
         if ids is not None and isinstance(image, str) and image not in ids and not os.path.isabs(image):
             with contextlib.suppress(HTTPException):
                 image = image_id_for(image) if image_id_for(image) in ids else image
-        check_image_reference(image, ids, self.image_roots, self.upload_dir)
+        check_image_reference(image, ids, self.image_roots, UPLOADS)
         in_datastore = ids is not None and image in ids
         return super().infer({**request, "image": image, DATASTORE_ID: image if in_datastore else None}, datastore)
 

@@ -7,19 +7,40 @@ pool's result). The same endpoints declared as plain `def` run in FastAPI's thre
 here calls MONAI Label's own endpoint function, with the same parameters and the same permissions, and
 is put in front of MONAI Label's route for the same path. Sampling itself stays one request at a time
 (the infer task's lock); `/info`, `/datastore` and the viewers' polling answer meanwhile.
+
+Two checks come first on an infer: `params` must be a JSON object (MONAI Label answers a bare 500 otherwise),
+and an image uploaded with the request is saved here and registered in `UPLOADS`, so that the app accepts
+that one temporary file as the request's image, not any file of the temporary folder.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import shutil
+import tempfile
 from typing import Optional
 
-from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, File, Form, UploadFile
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, File, Form, HTTPException, UploadFile
 from monailabel.config import settings
 from monailabel.endpoints import activelearning, datastore, infer, scoring
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 router = APIRouter()
+UPLOADS: set[str] = set()  # real paths of the images uploaded with the infer requests being served now
+
+
+def check_params(params: str) -> None:
+    """`params` (the multipart field) must hold a JSON object."""
+    accepted = 'a JSON object of options, e.g. {"prompt": "liver", "num_proposals": 5}'
+    try:
+        value = json.loads(params) if params else {}
+    except (ValueError, RecursionError):
+        raise HTTPException(400, f"'params' is not valid JSON; accepted: {accepted}") from None
+    if not isinstance(value, dict):
+        raise HTTPException(400, f"'params' is a JSON {type(value).__name__}; accepted: {accepted}")
 
 
 @router.post("/infer/{model}")
@@ -34,7 +55,19 @@ def run_inference(
     output: Optional[infer.ResultType] = None,
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ):
-    return infer.run_inference(background_tasks, model, image, session_id, params, file, label, output)
+    check_params(params)
+    if file is None:
+        return infer.run_inference(background_tasks, model, image, session_id, params, None, label, output)
+    suffix = "".join(pathlib.Path(file.filename).suffixes) if file.filename else ".nii.gz"
+    with tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as upload:
+        shutil.copyfileobj(file.file, upload)
+    path = os.path.realpath(upload.name)
+    UPLOADS.add(path)
+    try:
+        return infer.run_inference(background_tasks, model, path, session_id, params, None, label, output)
+    finally:
+        UPLOADS.discard(path)
+        os.unlink(path)
 
 
 @router.post("/activelearning/{strategy}")

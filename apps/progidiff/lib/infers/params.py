@@ -147,9 +147,10 @@ def _with_organs(data: dict[str, Any], defaults: dict[str, Any], max_proposals: 
     )
 
 
-def check_image_reference(image: Any, image_ids: list[str] | None, roots: list[str], upload_dir: str = "") -> None:
+def check_image_reference(image: Any, image_ids: list[str] | None, roots: list[str],
+                          uploads: set[str] | frozenset[str] = frozenset()) -> None:
     """The `image` of a request: a datastore id, or a file/DICOM folder under one of the allowed roots, or
-    (a file directly in `upload_dir`) the temporary copy MONAI Label makes of an image uploaded with the request.
+    (one of `uploads`) the temporary file an image uploaded with this request was saved to.
 
     Anything else is refused before MONAI Label resolves it, so a request can neither probe nor read
     files elsewhere on the server (`../../etc/passwd`, `/etc/passwd`, encoded variants alike).
@@ -162,7 +163,7 @@ def check_image_reference(image: Any, image_ids: list[str] | None, roots: list[s
     if os.path.isabs(image):
         path = os.path.realpath(image)
         under_root = any(os.path.commonpath([path, root]) == root for root in roots)
-        uploaded = bool(upload_dir) and os.path.dirname(path) == upload_dir and os.path.isfile(path)
+        uploaded = path in uploads
         if (under_root or uploaded) and os.path.exists(path):
             return
         raise HTTPException(status_code=403, detail=(
