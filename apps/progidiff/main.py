@@ -79,8 +79,9 @@ class ProGiDiffApp(MONAILabelApp):
         ids = store.list_images() if isinstance(store, LocalDatastore) else None
         image = request.get("image")
         if ids is not None and isinstance(image, str) and image not in ids and not os.path.isabs(image):
-            with contextlib.suppress(HTTPException):
-                image = image_id_for(image) if image_id_for(image) in ids else image
+            with contextlib.suppress(HTTPException):  # not even a name a viewer gives: refused below
+                mapped = image_id_for(image)
+                image = mapped if mapped in ids else image
         check_image_reference(image, ids, self.image_roots, UPLOADS)
         in_datastore = ids is not None and image in ids
         return super().infer({**request, "image": image, DATASTORE_ID: image if in_datastore else None}, datastore)
