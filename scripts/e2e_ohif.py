@@ -1,6 +1,7 @@
 """OHIF end to end, as an annotator does it: open the study in the OHIF that MONAI Label serves, connect the
 MONAI Label panel, tick two organs in Class Prompts, Run, and see the overlay; the PACS then holds the
-consensus and every proposal as DICOM-SEG. Screenshots go to --out.
+consensus and every proposal as DICOM-SEG, and a proposal opens in OHIF as a segmentation series, drawn in
+its organs' colours over the scan. Screenshots go to --out.
 
     python scripts/e2e_ohif.py --server http://127.0.0.1:8000 --pacs http://127.0.0.1:8042 --out runs/e2e
 
@@ -77,6 +78,19 @@ def run_class_prompts(browser: Browser, organs: tuple[str, ...]) -> None:
         .querySelector('button.actionButton, button').click() || true""")
 
 
+def open_proposal(browser: Browser, description: str) -> None:
+    """Double-click the proposal's SEG series in the study browser and accept opening it over the scan."""
+    browser.wait_for(f"document.body.innerText.includes({json.dumps(description)})", 60,
+                     f"the study browser does not list {description!r}")
+    browser.evaluate(f"""(() => {{ const thumbnail = [...document.querySelectorAll('div')]
+        .filter(d => d.innerText && d.innerText.includes({json.dumps(description)}) && d.children.length > 0)
+        .sort((a, b) => a.innerText.length - b.innerText.length)[0];
+        thumbnail.dispatchEvent(new MouseEvent('dblclick', {{bubbles: true}})); return true; }})()""")
+    browser.wait_for("[...document.querySelectorAll('button')].some(b => b.innerText === 'Yes')", 60,
+                     "OHIF did not offer to open the segmentation")
+    browser.evaluate("[...document.querySelectorAll('button')].find(b => b.innerText === 'Yes').click() || true")
+
+
 def seg_series(pacs: str) -> list[str]:
     series = requests.get(f"{pacs}/series", params={"expand": ""}, timeout=30).json()
     return [s["MainDicomTags"].get("SeriesDescription", "") for s in series if s["MainDicomTags"].get("Modality") == "SEG"]
@@ -114,16 +128,27 @@ def main() -> int:
         time.sleep(6)  # the overlay is drawn, the "successful" notice fades
         after = browser.screenshot(args.out / "ohif-class-prompts-liver-spleen.png")
 
+        # The annotator reloads the study to see its new SEG series, and opens proposal 1 (the tightest).
+        browser.open(f"{args.server}/ohif/monai-label?StudyInstanceUIDs={study_uid}")
+        open_proposal(browser, "ProGiDiff proposal 1 of")
+        time.sleep(10)  # the segmentation is drawn over the scan
+        loaded = browser.screenshot(args.out / "ohif-proposal-1-opened.png")
+        loaded_canvases = browser.evaluate(VIEWPORT_CANVASES)
+
     grown = coloured_pixels(after, canvases) - coloured_pixels(before, canvases)
+    proposal_pixels = coloured_pixels(loaded, loaded_canvases)
     segs = seg_series(args.pacs)
     report = {"study": study_uid, "viewport_canvases": canvases, "organs": list(ORGANS), "run_seconds": round(seconds, 1),
-              "overlay_pixels": grown, "seg_series_new": len(segs) - segs_before, "seg_series": segs,
-              "screenshots": [str(before), str(after)]}
+              "overlay_pixels": grown, "opened_proposal_pixels": proposal_pixels,
+              "seg_series_new": len(segs) - segs_before, "seg_series": segs,
+              "screenshots": [str(before), str(after), str(loaded)]}
     print(json.dumps(report, indent=2))
     (args.out / "e2e_ohif.json").write_text(json.dumps(report, indent=2))
     problems = []
     if grown < 500:
         problems.append(f"no overlay appeared: {grown} more coloured pixels in the viewports")
+    if proposal_pixels < 500:
+        problems.append(f"the opened proposal is not drawn: {proposal_pixels} coloured pixels in the viewports")
     if not any(s.startswith("ProGiDiff consensus") for s in segs) or not any(s.startswith("ProGiDiff proposal") for s in segs):
         problems.append(f"the PACS holds no consensus/proposal SEG series: {segs}")
     for problem in problems:

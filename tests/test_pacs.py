@@ -90,6 +90,12 @@ def test_consensus_and_proposals_reach_the_pacs_as_coded_coloured_seg(server, pa
     assert list(kidney.RecommendedDisplayCIELabValue) != list(spleen.RecommendedDisplayCIELabValue)
     assert consensus[0].ReferencedSeriesSequence[0].SeriesInstanceUID == image
 
+    again = requests.post(f"{server.url}/infer/progidiff", params={"image": image, "output": "json"},
+                          files={"params": (None, json.dumps({"prompt": "left kidney, spleen", "proposal": 1}))},
+                          timeout=600)
+    assert again.status_code == 200 and again.json()["cached"], again.text
+    assert len(seg_datasets(pacs)) == len(segs)  # a cached answer is not sent to the PACS twice
+
 
 def test_a_corrected_proposal_saved_as_final_reaches_the_pacs_and_training(server, pacs):
     """The annotator's loop: take a proposal, correct it, save it as the final label; the PACS gets a SEG, and

@@ -104,6 +104,13 @@ class ProGiDiffDICOMWebDatastore(DICOMWebDatastore):
                    fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
                    convert_to_nifti=settings.MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI)
 
+    def get_image_uri(self, image_id: str) -> str:
+        """The series' file in the local cache: the same path for every request (MONAI Label's returns the
+        conversion's temporary file the first time), so the infer task's results cache recognises it."""
+        uri = super().get_image_uri(image_id)
+        cached = LocalDatastore.get_image_uri(self, image_id) if image_id in self._datastore.objects else ""
+        return cached if cached and os.path.exists(cached) else uri
+
     def json(self) -> dict[str, Any]:
         """The listing (`/datastore/?output=all`): every series of the PACS, also those not fetched yet (MONAI
         Label's lists only what an infer has already fetched into its cache)."""

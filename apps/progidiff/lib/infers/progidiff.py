@@ -319,7 +319,9 @@ class ProGiDiffInfer(BasicInferTask):
             return []
         params: InferParams = data["progidiff"]
         n = len(maps.proposals)
-        # What a PACS shows of each (DICOMweb datastores send these as DICOM-SEG; 64 characters are kept).
+        # What a PACS shows of each (DICOMweb datastores send these as DICOM-SEG; 64 characters are kept). A
+        # cached answer was sent with its first request: PACS series are not replaced, so it is not sent again.
+        pacs = not data.get("progidiff_cached", False)
         about = f"seed {params.seed} | model {self.short_version()} | {', '.join(params.organs)}"
         order = f"proposals run from 1, the tightest, to {n}, the most generous"
         outputs = {"consensus": (maps.consensus, {SERIES_DESCRIPTION: f"{MACHINE_SERIES}consensus of {n} | {about}",
@@ -336,7 +338,7 @@ class ProGiDiffInfer(BasicInferTask):
             for tag, (array, described) in outputs.items():
                 path = os.path.join(tmp, f"{image_id}.nii.gz")
                 nib.save(nib.Nifti1Image(array, maps.affine), path)
-                datastore.save_label(image_id, path, tag, {**info, "tag": tag, **described})
+                datastore.save_label(image_id, path, tag, {**info, "tag": tag, **(described if pacs else {})})
         return list(outputs)
 
     def short_version(self) -> str:
