@@ -116,3 +116,18 @@ def test_a_second_run_is_measured_against_the_published_adapter(server):
     assert stats["published"] == (stats["best_metric"] > stats["served_val_mean_dice"])
     after = {p.name: p.read_bytes() for p in adapter.iterdir()}
     assert (after == before) == (not stats["published"])
+
+
+def test_scoring_picks_the_adapter_as_infer_does(server):
+    """Active-learning scores of MR studies come from the MR adapter, CT studies' from the bare model."""
+    if not (Path(server.conf["model_path"]).parent / "adapters" / "mr").is_dir():
+        pytest.skip("needs the adapter published by the first test")
+    response = requests.post(f"{server.url}/scoring/proposal_uncertainty",
+                             json={"num_proposals": 2, "steps": 1, "slice_stride": 8}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert server.wait_for_task("scoring")["status"] == "DONE", server.log_tail()
+    objects = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
+    scored = {i: o["image"]["info"]["proposal_uncertainty"] for i, o in objects.items()
+              if "proposal_uncertainty" in o["image"]["info"]}
+    assert (scored["phantom_001_mr"]["modality"], scored["phantom_001_mr"]["adapter"]) == ("MR", "mr")
+    assert (scored["phantom_000"]["modality"], scored["phantom_000"]["adapter"]) == ("CT", None)

@@ -201,8 +201,7 @@ class ProGiDiffInfer(BasicInferTask):
         if image.ndim != 4 or image.shape[0] != 1 or min(image.shape[1:]) < 2:
             raise bad_request(f"a single-channel 3D image is needed; got array shape {tuple(image.shape)}")
         self._check_memory(image, params)
-        modality = resolve_modality(params.modality, data.get("image_path", ""), image[0].numpy())
-        adapter = modality[0].lower() if modality[0].lower() in lora.adapter_names(self.pipeline().model) else None
+        modality, adapter = self.choose_adapter(params.modality, data.get("image_path", ""), image[0].numpy())
         proposals = self._proposals(data, params, adapter)
         data["progidiff_proposals"] = proposals
         voxel_ml = float(torch.as_tensor(image.pixdim[:3]).prod()) / 1000.0
@@ -211,6 +210,13 @@ class ProGiDiffInfer(BasicInferTask):
         data["progidiff_modality"] = modality
         data["progidiff_adapter"] = adapter
         return data
+
+    def choose_adapter(self, requested: str, image_path: str, volume: np.ndarray) -> tuple[tuple[str, str], str | None]:
+        """The one rule for which weights a study gets (infer and scoring alike): its modality (the request's,
+        else the DICOM tag, else the intensity rule) and the adapter published for it (None: the bare model)."""
+        modality = resolve_modality(requested, image_path, volume)
+        adapter = modality[0].lower()
+        return modality, adapter if adapter in lora.adapter_names(self.pipeline().model) else None
 
     def _check_memory(self, image: MetaTensor, params: InferParams) -> None:
         """Refuse, before sampling, a request whose outputs would not fit in `max_memory_gb`.

@@ -53,11 +53,15 @@ class ScoringParams:
 def score_image(infer: Any, datastore: Datastore, image_id: str, params: ScoringParams) -> dict[str, Any]:
     """Sample proposals for one datastore image and store its disagreement score in the image info."""
     organs = parse_prompt(params.organs, known=infer.known_organs())
-    volume = load_volume(datastore.get_image_uri(image_id), infer.pipeline().model.config.spacing_mm).image[0]
+    path = datastore.get_image_uri(image_id)
+    volume = load_volume(path, infer.pipeline().model.config.spacing_mm).image[0]
+    (modality, _), adapter = infer.choose_adapter("auto", path, volume.numpy())  # as an infer of it would
     sampled = volume[:, :, :: params.slice_stride].as_tensor()
-    proposals = infer.sample(sampled, organs, params.num_proposals, params.steps, params.seed)
+    proposals = infer.sample(sampled, organs, params.num_proposals, params.steps, params.seed, adapter)
     entry = {
         "score": round(disagreement(proposals.probabilities), 6),
+        "modality": modality,
+        "adapter": adapter,
         "organs": organs,
         "num_proposals": params.num_proposals,
         "steps": params.steps,
