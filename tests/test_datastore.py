@@ -19,7 +19,8 @@ SAMPLE = ROOT / "sample-datasets" / "ct"
 
 def label_file(tmp_path, value: int):
     path = tmp_path / f"label_{value}.nii.gz"
-    nib.save(nib.Nifti1Image(np.full((128, 104, 40), value, dtype=np.uint8), np.diag([3.0, 3.0, 3.0, 1.0])), path)
+    affine = nib.load(SAMPLE / "phantom_002.nii.gz").affine  # on the image's grid
+    nib.save(nib.Nifti1Image(np.full((128, 104, 40), value, dtype=np.uint8), affine), path)
     return path
 
 

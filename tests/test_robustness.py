@@ -101,6 +101,11 @@ def test_bad_images_get_a_clear_4xx(server, image, status, fragment):
         ({"prompt": "liver", "seed": -1}, "seed"),
         ({"prompt": "liver", "seed": [1]}, "seed"),
         ({"prompt": "liver", "proposal": 7}, "proposal"),
+        ({"prompt": "liver", "result_extension": ".exe"}, "'result_extension' must be one of"),
+        ({"prompt": "liver", "result_dtype": "complex128"}, "'result_dtype' must be one of"),
+        ({"prompt": "liver", "logging": {"level": 1}}, "'logging' must be one of"),
+        ({"prompt": "liver", "skip_writer": True}, "'skip_writer' is not supported"),
+        ({"prompt": "liver", "result_compress": "maybe"}, "'result_compress' must be true or false"),
     ],
 )
 def test_bad_parameters_get_400(server, params, fragment):
@@ -139,14 +144,31 @@ def test_bad_uploads_are_refused_and_nothing_is_stored(server, query, upload, fr
         ({"image": "phantom_002", "tag": "../../evil"}, None, "label tag"),
         ({"image": "phantom_002", "tag": "final"}, "wrong_shape", "must have its image's shape"),
         ({"image": "nobody", "tag": "final"}, None, "no image 'nobody'"),
+        ({"image": "phantom_002", "tag": "final"}, "fractional", "not integers from 0 to 255"),
+        ({"image": "phantom_002", "tag": "final"}, "negative", "not integers from 0 to 255"),
+        ({"image": "phantom_002", "tag": "final"}, "above_255", "not integers from 0 to 255"),
+        ({"image": "phantom_002", "tag": "final"}, "all_nan", "not integers from 0 to 255"),
+        ({"image": "phantom_002", "tag": "final"}, "unknown_value", "label values [99] name no organ"),
+        ({"image": "phantom_002", "tag": "final"}, "shifted_500mm", "grid differs from image 'phantom_002'"),
     ],
 )
 def test_bad_labels_are_refused_and_nothing_is_stored(server, tmp_path, query, content, fragment):
     before = datastore_state(server)
+    image = nib.load(SAMPLE / "phantom_002.nii.gz")
+    liver = np.zeros(image.shape, np.float32)
+    liver[40:60, 40:60, 10:20] = 1  # a plausible label map of phantom_002, spoilt below
+    spoilt = {"fractional": liver * 0.5, "negative": -liver, "above_255": liver * 300,
+              "all_nan": np.full(image.shape, np.nan, np.float32), "unknown_value": liver * 99}
     if content is None:
         content = (SAMPLE / "labels" / "final" / "phantom_000.nii.gz").read_bytes()
     elif content == "wrong_shape":
         content = nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), np.eye(4)).to_bytes()
+    elif content == "shifted_500mm":
+        affine = image.affine.copy()
+        affine[2, 3] += 500
+        content = nib.Nifti1Image(liver.astype(np.uint8), affine).to_bytes()
+    elif content in spoilt:
+        content = nib.Nifti1Image(spoilt[content], image.affine).to_bytes()
     response = requests.put(f"{server.url}/datastore/label", params=query,
                             files={"label": ("label.nii.gz" if content[:2] == b"\x1f\x8b" else "label.nii",
                                              io.BytesIO(content))}, timeout=60)
@@ -240,3 +262,19 @@ def test_server_killed_during_training_restarts_on_the_last_published_model_and_
         assert requests.get(f"{restarted.url}/train/", timeout=30).json().get("status") != "RUNNING"
     ProGiDiffModel.from_pretrained(model_dir)
     assert digest() != first  # what is served is the model this run published, not the one it started from
+
+
+@pytest.mark.parametrize("path, body, status, fragment", [
+    ("/scoring/proposal_uncertainty", {"steps": 1000}, 400, "'steps' must be an integer from 1 to 200"),
+    ("/scoring/proposal_uncertainty", {"num_proposals": 1}, 400, "'num_proposals' must be an integer from 2"),
+    ("/scoring/proposal_uncertainty", {"organs": "livr"}, 400, "Did you mean: liver"),
+    ("/scoring/proposal_uncertainty", {"slice_stride": "every"}, 400, "'slice_stride'"),
+    ("/scoring/no_such_method", {}, 404, "known: proposal_uncertainty"),
+    ("/activelearning/proposal_disagreement", {"steps": 1000}, 400, "'steps' must be an integer from 1 to 200"),
+    ("/activelearning/proposal_disagreement", {"organs": ["liver"]}, 400, "'organs' must be a prompt"),
+    ("/activelearning/no_such_strategy", {}, 404, "known: proposal_disagreement"),
+])
+def test_scoring_and_active_learning_options_are_checked_before_any_work(server, path, body, status, fragment):
+    response = requests.post(f"{server.url}{path}", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["detail"]

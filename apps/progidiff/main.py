@@ -32,7 +32,7 @@ from lib.dicomweb import ProGiDiffDICOMWebDatastore
 from lib.infers.params import check_image_reference
 from lib.infers.progidiff import DATASTORE_ID
 from lib.routes import UPLOADS, serve_off_the_event_loop
-from lib.scoring.proposal_uncertainty import ProposalUncertainty
+from lib.scoring.proposal_uncertainty import ProposalUncertainty, ScoringParams
 from progidiff.labels import ORGAN_IDS
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,13 @@ class ProGiDiffApp(MONAILabelApp):
         check_image_reference(image, ids, self.image_roots, UPLOADS)
         in_datastore = ids is not None and image in ids
         return super().infer({**request, "image": image, DATASTORE_ID: image if in_datastore else None}, datastore)
+
+    def check_scoring_request(self, method: str, params: dict) -> None:
+        """Refuse an unknown scoring method or bad options (HTTP 4xx) before MONAI Label submits the task."""
+        if method not in self._scoring_methods:
+            raise HTTPException(404, f"no scoring method {method!r}; known: {', '.join(self._scoring_methods)}")
+        if isinstance(self._scoring_methods[method], ProposalUncertainty):
+            ScoringParams.from_request(params, self._infers["progidiff"])
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):

@@ -26,15 +26,19 @@ from typing import Any
 
 from fastapi import HTTPException
 from filelock import FileLock
+import numpy as np
+from monai.data import MetaTensor
 from monai.transforms import LoadImage
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
 from progidiff.io_utils import atomic_file
+from progidiff.labels import ORGAN_IDS, class_map_from_label_info
 
 logger = logging.getLogger(__name__)
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ACCEPTED_FILES = "NIfTI (.nii, .nii.gz) or NRRD (.nrrd) holding one 3D volume"
+FLOAT_MAPS = ("probability", "uncertainty")  # tags of the per-voxel float maps the infer task stores
 
 
 def image_id_for(name: str) -> str:
@@ -57,18 +61,48 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
-def spatial_shape(path: str, kind: str) -> tuple[int, ...]:
-    """Read the whole file with MONAI (a truncated file fails here, not in a later request)."""
+def read_volume(path: str, kind: str) -> MetaTensor:
+    """Read the whole file with MONAI (a truncated file fails here, not in a later request): one 3D volume."""
     try:
         image = LoadImage(image_only=True)(path)
     except Exception as error:  # noqa: BLE001 - any reader failure means the upload is not a usable image
         raise HTTPException(400, f"the {kind} is not a readable image ({type(error).__name__}); "
                                  f"accepted: {ACCEPTED_FILES}") from None
+    if image.ndim == 4 and image.shape[3] == 1:
+        image = image[..., 0]
     shape = tuple(int(s) for s in image.shape)
-    shape = shape[:3] if len(shape) == 4 and shape[3] == 1 else shape
     if len(shape) != 3 or min(shape) < 2:
         raise HTTPException(400, f"the {kind} has shape {shape}; accepted: {ACCEPTED_FILES}")
-    return shape
+    return image
+
+
+def check_on_grid(label: MetaTensor, image: MetaTensor, image_id: str) -> None:
+    """A label lies on its image's voxel grid: the same shape, the affine within a tenth of a voxel."""
+    if tuple(label.shape) != tuple(image.shape):
+        raise HTTPException(400, f"the label has shape {tuple(label.shape)} but image {image_id!r} has "
+                                 f"{tuple(image.shape)}; a label must have its image's shape")
+    spacing = float(np.abs(np.asarray(image.affine)[:3, :3]).max())
+    offset = float(np.abs(np.asarray(label.affine, dtype=float) - np.asarray(image.affine, dtype=float)).max())
+    if offset > 0.1 * spacing:
+        raise HTTPException(400, f"the label's grid differs from image {image_id!r}'s by up to {offset:.1f} mm "
+                                 "(affine); a label must lie on its image's voxel grid")
+
+
+def check_label_values(label: MetaTensor, label_info: dict[str, Any]) -> None:
+    """A label map's values are integers from 0 to 255 that name organs: the schema's ids, or the values its
+    `label_info` names."""
+    values = np.asarray(label)
+    if not np.isfinite(values).all() or not np.array_equal(values, np.round(values)) or values.min() < 0 \
+            or values.max() > 255:
+        raise HTTPException(400, "the label holds values that are not integers from 0 to 255 (NaN, negative, "
+                                 "fractional or larger); a label is a label map of organ values")
+    class_map = class_map_from_label_info(label_info or {})
+    named = set(class_map) if class_map is not None else set(ORGAN_IDS.values())
+    unknown = sorted(set(np.unique(values).astype(int).tolist()) - named - {0})
+    if unknown:
+        raise HTTPException(400, f"label values {unknown[:10]} name no organ; accepted: the schema's values "
+                                 f"({', '.join(f'{o}={v}' for o, v in ORGAN_IDS.items())}) or values named in "
+                                 "'label_info' ([{\"name\": \"liver\", \"idx\": 1}, ...])")
 
 
 class SafeLocalDatastore(LocalDatastore):
@@ -112,7 +146,7 @@ class SafeLocalDatastore(LocalDatastore):
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         derived_id, image_ext = self._to_id(os.path.basename(image_filename))
         image_id = image_id_for(image_id or derived_id)
-        spatial_shape(image_filename, "image")
+        read_volume(image_filename, "image")
         name = self._filename(image_id, image_ext)
         with FileLock(self._lock_file):
             self._copy_atomically(image_filename, os.path.join(self._datastore.image_path(), name))
@@ -129,11 +163,11 @@ class SafeLocalDatastore(LocalDatastore):
         obj = self._datastore.objects.get(image_id)
         if not obj:
             raise HTTPException(404, f"no image {image_id!r} in the datastore; GET /datastore/?output=all lists them")
-        label_shape = spatial_shape(label_filename, "label")
-        image_shape = spatial_shape(self.get_image_uri(image_id), "stored image")
-        if label_shape != image_shape:
-            raise HTTPException(400, f"the label has shape {label_shape} but image {image_id!r} has {image_shape}; "
-                                     "a label must have its image's shape")
+        label = read_volume(label_filename, "label")
+        image = read_volume(self.get_image_uri(image_id), "stored image")
+        check_on_grid(label, image, image_id)
+        if label_tag not in FLOAT_MAPS:  # the app's own per-voxel float maps are no label maps
+            check_label_values(label, label_info)
         _, label_ext = self._to_id(os.path.basename(label_filename))
         name = self._filename(image_id, label_ext)
         with FileLock(self._lock_file):

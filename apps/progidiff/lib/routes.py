@@ -27,6 +27,7 @@ from monailabel.config import settings
 from monailabel.endpoints import activelearning, datastore, infer, scoring
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.utils.app import app_instance
 
 router = APIRouter()
 UPLOADS: set[str] = set()  # real paths of the images uploaded with the infer requests being served now
@@ -73,12 +74,18 @@ def run_inference(
 @router.post("/activelearning/{strategy}")
 def next_sample(strategy: str, params: Optional[dict] = None,
                 user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    strategies = app_instance().info()["strategies"]
+    if strategy not in strategies:
+        raise HTTPException(404, f"no active-learning strategy {strategy!r}; known: {', '.join(strategies)}")
     return activelearning.sample(strategy, params, user.username)
 
 
 @router.post("/scoring/{method}")
 def run_scoring(method: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
                 user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
+    check = getattr(app_instance(), "check_scoring_request", None)
+    if check is not None:  # options checked here: the task itself runs in a subprocess nobody answers from
+        check(method, params or {})
     return scoring.run_method(method, params, run_sync)
 
 

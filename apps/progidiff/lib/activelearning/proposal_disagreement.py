@@ -24,10 +24,10 @@ class ProposalDisagreement(Strategy):
         self.infer = infer
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
+        params = ScoringParams.from_request(request, self.infer)  # bad options: 400 even with nothing to score
         images = datastore.get_unlabeled_images()
         if not images:
             return None
-        params = ScoringParams.from_request(request)
         scores = {}
         for image_id in images:
             entry = datastore.get_image_info(image_id).get(SCORE_KEY)

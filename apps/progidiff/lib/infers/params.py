@@ -17,6 +17,10 @@ MAX_STEPS = 200
 MODALITIES = ("auto", "CT", "MR")
 # How the returned label map numbers the organs (see `label_values`).
 LABEL_VALUES = ("auto", "compact", "model")
+# Options MONAI Label itself reads from an infer request (its writer, its logger): what each accepts.
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
+RESULT_DTYPES = ("uint8", "uint16", "int16", "int32", "float32")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def bad_request(message: str) -> HTTPException:
@@ -42,7 +46,7 @@ class InferParams:
         return {organ: k for k, organ in enumerate(self.organs, start=1)}
 
 
-def _integer(data: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+def integer_param(data: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
     value = data.get(key, default)
     if value is None or value == "":
         value = default
@@ -103,10 +107,26 @@ def _flag(data: dict[str, Any], key: str, default: bool) -> bool:
         raise bad_request(f"'{key}' must be true or false; got {value!r}") from None
 
 
+def check_monai_label_options(data: dict[str, Any]) -> None:
+    """The options MONAI Label reads itself, checked before any work (it would fail on them with a bare 500,
+    some only after sampling)."""
+    choices = {"result_extension": RESULT_EXTENSIONS, "result_dtype": RESULT_DTYPES}
+    for key, accepted in choices.items():
+        if data.get(key) not in (None, "") and data[key] not in accepted:
+            raise bad_request(f"'{key}' must be one of {', '.join(accepted)}; got {data[key]!r}"[:300])
+    level = data.get("logging")
+    if level not in (None, "") and (not isinstance(level, str) or level.upper() not in LOG_LEVELS):
+        raise bad_request(f"'logging' must be one of {', '.join(LOG_LEVELS)}; got {level!r}"[:300])
+    _flag(data, "result_compress", False)
+    if _flag(data, "skip_writer", False):
+        raise bad_request("'skip_writer' is not supported: this app always returns its answer as a label file")
+
+
 def parse_params(
     data: dict[str, Any], defaults: dict[str, Any], max_proposals: int, known_organs: tuple[str, ...],
     organ_ids: dict[str, int],
 ) -> InferParams:
+    check_monai_label_options(data)
     if data.get("label_prompt") not in (None, []):
         organs = organs_from_label_prompt(data["label_prompt"], organ_ids, known_organs)
         return _with_organs(data, defaults, max_proposals, ", ".join(organs), organs)
@@ -125,11 +145,11 @@ def parse_params(
 
 def _with_organs(data: dict[str, Any], defaults: dict[str, Any], max_proposals: int, prompt: str,
                  organs: tuple[str, ...]) -> InferParams:
-    num_proposals = _integer(data, "num_proposals", defaults["num_proposals"], 1, max_proposals)
+    num_proposals = integer_param(data, "num_proposals", defaults["num_proposals"], 1, max_proposals)
     proposal_value = data.get("proposal")
     proposal = None
     if proposal_value not in (None, "", -1, "-1", "consensus"):
-        proposal = _integer(data, "proposal", 0, 0, num_proposals - 1)
+        proposal = integer_param(data, "proposal", 0, 0, num_proposals - 1)
     modality = str(data.get("modality", "auto") or "auto")
     matched = [m for m in MODALITIES if m.lower() == modality.lower()]
     if not matched:
@@ -138,8 +158,8 @@ def _with_organs(data: dict[str, Any], defaults: dict[str, Any], max_proposals: 
         prompt=prompt,
         organs=organs,
         num_proposals=num_proposals,
-        steps=_integer(data, "steps", defaults["steps"], 1, MAX_STEPS),
-        seed=_integer(data, "seed", defaults["seed"], 0, 2**31 - 1),
+        steps=integer_param(data, "steps", defaults["steps"], 1, MAX_STEPS),
+        seed=integer_param(data, "seed", defaults["seed"], 0, 2**31 - 1),
         proposal=proposal,
         modality=matched[0],
         label_values=label_values(data),

@@ -31,6 +31,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.transform.writer import Writer
 
+from lib.datastore import FLOAT_MAPS
 from lib.dicomweb import CONTENT_DESCRIPTION, MACHINE_SERIES, SERIES_DESCRIPTION
 from lib.infers.params import InferParams, bad_request, parse_params
 from progidiff import lora
@@ -335,8 +336,7 @@ class ProGiDiffInfer(BasicInferTask):
         for k, proposal in enumerate(maps.proposals):
             outputs[f"proposal_{k}"] = (proposal, {SERIES_DESCRIPTION: f"{MACHINE_SERIES}proposal {k + 1} of {n} | {about}",
                                                    CONTENT_DESCRIPTION: order})
-        outputs["probability"] = (maps.probability, {})
-        outputs["uncertainty"] = (maps.uncertainty, {})
+        outputs.update(zip(FLOAT_MAPS, ((maps.probability, {}), (maps.uncertainty, {}))))
         info = {"prompt": params.prompt, "organs": list(params.organs), "seed": params.seed, "steps": params.steps,
                 "label_names": {o: ORGAN_IDS[o] for o in params.organs}}
         datastore = self.datastore()

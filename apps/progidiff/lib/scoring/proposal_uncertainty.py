@@ -17,13 +17,15 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
+from lib.infers.params import MAX_PROMPT_CHARS, MAX_STEPS, bad_request, integer_param
 from progidiff.predict import load_volume
-from progidiff.prompts import parse_prompt
+from progidiff.prompts import UnknownPromptError, parse_prompt
 from progidiff.proposals import disagreement
 
 logger = logging.getLogger(__name__)
 
 SCORE_KEY = "proposal_uncertainty"
+MAX_SLICE_STRIDE = 100
 
 
 @dataclass
@@ -35,19 +37,25 @@ class ScoringParams:
     seed: int = 0
 
     @classmethod
-    def from_request(cls, request: dict[str, Any]) -> "ScoringParams":
-        params = cls()
-        for key, default in vars(cls()).items():
-            if key in request:
-                try:
-                    setattr(params, key, type(default)(request[key]))
-                except (TypeError, ValueError):
-                    raise ValueError(f"{key} must be a {type(default).__name__}; got {request[key]!r}") from None
-        if params.num_proposals < 2:
-            raise ValueError("num_proposals must be at least 2: disagreement needs two proposals to compare")
-        if params.steps < 1 or params.slice_stride < 1:
-            raise ValueError("steps and slice_stride must be positive integers")
-        return params
+    def from_request(cls, request: dict[str, Any], infer: Any) -> "ScoringParams":
+        """Checked and bounded as an infer request is (HTTP 400 saying what is accepted), before any work.
+        Proposals: 2 (disagreement needs two) to the server's `max_proposals`."""
+        defaults = cls()
+        organs = request.get("organs", defaults.organs)
+        if not isinstance(organs, str) or len(organs) > MAX_PROMPT_CHARS:
+            raise bad_request(f"'organs' must be a prompt of at most {MAX_PROMPT_CHARS} characters, e.g. "
+                              f"{defaults.organs!r}; got {organs!r}"[:600])
+        try:
+            parse_prompt(organs, known=infer.known_organs())
+        except UnknownPromptError as error:
+            raise bad_request(str(error)) from None
+        return cls(
+            organs=organs,
+            num_proposals=integer_param(request, "num_proposals", defaults.num_proposals, 2, infer.settings.max_proposals),
+            steps=integer_param(request, "steps", defaults.steps, 1, MAX_STEPS),
+            slice_stride=integer_param(request, "slice_stride", defaults.slice_stride, 1, MAX_SLICE_STRIDE),
+            seed=integer_param(request, "seed", defaults.seed, 0, 2**31 - 1),
+        )
 
 
 def score_image(infer: Any, datastore: Datastore, image_id: str, params: ScoringParams) -> dict[str, Any]:
@@ -80,7 +88,7 @@ class ProposalUncertainty(ScoringMethod):
         self.infer = infer
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        params = ScoringParams.from_request(request)
+        params = ScoringParams.from_request(request, self.infer)
         images = datastore.get_unlabeled_images()
         logger.info("scoring %d unlabelled images with %s", len(images), params)
         return {image_id: score_image(self.infer, datastore, image_id, params)["score"] for image_id in images}
