@@ -4,6 +4,7 @@ published model and adapters."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import shutil
@@ -278,3 +279,31 @@ def test_scoring_and_active_learning_options_are_checked_before_any_work(server,
     response = requests.post(f"{server.url}{path}", json=body, timeout=60)
     assert response.status_code == status, response.text
     assert fragment in response.json()["detail"]
+
+
+def lying_nifti(shape: tuple[int, ...], zooms: tuple[float, ...] = (1.0, 1.0, 1.0)) -> bytes:
+    """A gzip NIfTI whose header declares `shape` but which carries a few bytes of data: a decompression bomb."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.int16)
+    header.set_data_shape(shape)
+    header.set_zooms(zooms)
+    header["vox_offset"] = 352
+    return gzip.compress(header.binaryblock + b"\0" * 4 + b"\0" * 4096)
+
+
+@pytest.mark.parametrize("content, status, fragment", [
+    (lying_nifti((1000, 1000, 1000)), 413, "declares 1,000,000,000 voxels"),
+    (lying_nifti((100, 100, 50), (30.0, 30.0, 30.0)), 400, "declares voxels of (30.0, 30.0, 30.0) mm"),
+])
+def test_lying_headers_are_refused_before_anything_is_read(server, content, status, fragment):
+    before = datastore_state(server)
+    as_infer = requests.post(f"{server.url}/infer/progidiff", params={"output": "json"}, timeout=60,
+                             files={"file": ("bomb.nii.gz", content), "params": (None, json.dumps({"prompt": "liver"}))})
+    as_image = requests.put(f"{server.url}/datastore/", params={"image": "bomb"},
+                            files={"file": ("bomb.nii.gz", io.BytesIO(content))}, timeout=60)
+    as_label = requests.put(f"{server.url}/datastore/label", params={"image": "phantom_002", "tag": "final"},
+                            files={"label": ("bomb.nii.gz", io.BytesIO(content))}, timeout=60)
+    for response in (as_infer, as_image, as_label):
+        assert response.status_code == status, response.text
+        assert fragment in response.json()["detail"]
+    assert datastore_state(server) == before

@@ -101,6 +101,7 @@ class ProGiDiffApp(MONAILabelApp):
             return ProGiDiffDICOMWebDatastore.from_settings(self.studies)
         return SafeLocalDatastore(
             self.studies,
+            max_bytes=self.models["progidiff"].settings.max_memory_gb * 2**30,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,

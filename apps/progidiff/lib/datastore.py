@@ -31,6 +31,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
+from progidiff.image_header import ImplausibleImage, check_declared_volume
 from progidiff.io_utils import atomic_file
 from progidiff.labels import ORGAN_IDS, class_map_from_label_info
 
@@ -59,6 +60,14 @@ def check_name(kind: str, value: str) -> str:
         raise HTTPException(400, f"{kind} {value!r} is not accepted: use 1-128 letters, digits, '.', '_' or '-', "
                                  "starting with a letter or digit, without '..'")
     return value
+
+
+def check_header(path: str, max_bytes: float, kind: str) -> None:
+    """Refuse, from the header alone, a file too large to work on (413) or no plausible CT/MR volume (400)."""
+    try:
+        check_declared_volume(path, max_bytes, kind)
+    except ImplausibleImage as error:
+        raise HTTPException(413 if error.too_large else 400, str(error)) from None
 
 
 def read_volume(path: str, kind: str) -> MetaTensor:
@@ -106,8 +115,10 @@ def check_label_values(label: MetaTensor, label_info: dict[str, Any]) -> None:
 
 
 class SafeLocalDatastore(LocalDatastore):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, max_bytes: float = 8 * 2**30, **kwargs):
+        """`max_bytes`: the largest upload to work on, as float32 (the server's `max_memory_gb`)."""
         super().__init__(*args, **kwargs)
+        self.max_bytes = max_bytes
         if getattr(self, "_handler", None) is not None:
             # A rename is a "moved" event, which LocalDatastore's folder watcher does not handle: without
             # this, an index written by another process (a scoring or train task) would never be reloaded.
@@ -146,6 +157,7 @@ class SafeLocalDatastore(LocalDatastore):
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         derived_id, image_ext = self._to_id(os.path.basename(image_filename))
         image_id = image_id_for(image_id or derived_id)
+        check_header(image_filename, self.max_bytes, "image")
         read_volume(image_filename, "image")
         name = self._filename(image_id, image_ext)
         with FileLock(self._lock_file):
@@ -163,6 +175,7 @@ class SafeLocalDatastore(LocalDatastore):
         obj = self._datastore.objects.get(image_id)
         if not obj:
             raise HTTPException(404, f"no image {image_id!r} in the datastore; GET /datastore/?output=all lists them")
+        check_header(label_filename, self.max_bytes, "label")
         label = read_volume(label_filename, "label")
         image = read_volume(self.get_image_uri(image_id), "stored image")
         check_on_grid(label, image, image_id)

@@ -31,7 +31,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.transform.writer import Writer
 
-from lib.datastore import FLOAT_MAPS
+from lib.datastore import FLOAT_MAPS, check_header
 from lib.dicomweb import CONTENT_DESCRIPTION, MACHINE_SERIES, SERIES_DESCRIPTION
 from lib.infers.params import InferParams, bad_request, parse_params
 from progidiff import lora
@@ -168,6 +168,8 @@ class ProGiDiffInfer(BasicInferTask):
         # Check the request before loading anything, and answer 400 with what is accepted.
         merged = {**copy.deepcopy(self._config), **request}
         params = parse_params(merged, self._config, self.settings.max_proposals, self.known_organs(), ORGAN_IDS)
+        if isinstance(request.get("image"), str):  # a path by now: refuse from its header, before reading it
+            check_header(request["image"], self.settings.max_memory_gb * 2**30, "image")
         request = {**request, "volume": request.get("image"), "progidiff": params}
         if params.proposal_layers:  # one segment per layer: only .seg.nrrd holds them (3D Slicer loads it as is)
             request["result_extension"] = SEG_NRRD
