@@ -307,3 +307,61 @@ def test_lying_headers_are_refused_before_anything_is_read(server, content, stat
         assert response.status_code == status, response.text
         assert fragment in response.json()["detail"]
     assert datastore_state(server) == before
+
+
+def test_a_malformed_stored_score_does_not_break_active_learning(server):
+    response = requests.put(f"{server.url}/datastore/image/info", params={"image": "phantom_002"},
+                            files={"info": (None, json.dumps({"proposal_uncertainty": "garbage"}))}, timeout=60)
+    assert response.status_code == 200, response.text
+    response = requests.post(f"{server.url}/activelearning/proposal_disagreement",
+                             json={"num_proposals": 2, "steps": 1, "slice_stride": 20}, timeout=600)
+    assert response.status_code == 200, response.text
+    info = requests.get(f"{server.url}/datastore/image/info", params={"image": "phantom_002"}, timeout=30).json()
+    assert isinstance(info["proposal_uncertainty"]["score"], float)  # scored anew
+
+
+@pytest.mark.parametrize("method, path, params, status, fragment", [
+    ("DELETE", "/datastore/", {"id": "no_such_image"}, 404, "no image 'no_such_image'"),
+    ("DELETE", "/datastore/label", {"id": "phantom_002", "tag": "no_such_tag"}, 404, "has no label 'no_such_tag'"),
+    ("POST", "/infer/no_such_model", {"image": "phantom_000"}, 404, "this server serves: progidiff"),
+])
+def test_unknown_things_get_404_not_500(server, method, path, params, status, fragment):
+    response = requests.request(method, f"{server.url}{path}", params=params, timeout=60,
+                                files={"params": (None, "{}")} if method == "POST" else None)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["detail"]
+
+
+def test_nan_voxels_get_400(server, tmp_path):
+    volume = np.full((40, 40, 10), 40.0, np.float32)
+    volume[5, 5, 5] = np.nan
+    path = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([3.0, 3.0, 3.0, 1.0])), path)
+    response = requests.post(f"{server.url}/infer/progidiff", params={"output": "json"}, timeout=60,
+                             files={"file": ("nan.nii.gz", path.read_bytes()), "params": (None, "{}")})
+    assert response.status_code == 400, response.text
+    assert "NaN or infinite" in response.json()["detail"]
+
+
+def test_reuploading_an_id_with_another_image_drops_its_labels(server, tmp_path):
+    """A different image under an existing id would otherwise inherit the old image's final label (and
+    training would fail on a shape mismatch); the same image uploaded again keeps its labels."""
+    first = (SAMPLE / "phantom_000.nii.gz").read_bytes()
+    label = (SAMPLE / "labels" / "final" / "phantom_000.nii.gz").read_bytes()
+    for content in (first, first):
+        assert requests.put(f"{server.url}/datastore/", params={"image": "reused"},
+                            files={"file": ("reused.nii.gz", io.BytesIO(content))}, timeout=60).status_code == 200
+        if content is first and "final" not in datastore_state(server)["objects"]["reused"]["labels"]:
+            saved = requests.put(f"{server.url}/datastore/label", params={"image": "reused", "tag": "final"},
+                                 files={"label": ("label.nii.gz", io.BytesIO(label))}, timeout=60)
+            assert saved.status_code == 200, saved.text
+    assert "final" in datastore_state(server)["objects"]["reused"]["labels"]  # the same image: label kept
+    other = nib.load(SAMPLE / "phantom_001.nii.gz")
+    nib.save(other, tmp_path / "reused.nii")  # another image, another extension
+    assert requests.put(f"{server.url}/datastore/", params={"image": "reused"},
+                        files={"file": ("reused.nii", io.BytesIO((tmp_path / "reused.nii").read_bytes()))},
+                        timeout=60).status_code == 200
+    entry = datastore_state(server)["objects"]["reused"]
+    assert entry["labels"] == {} and entry["image"]["ext"] == ".nii"
+    assert sorted(p.name for p in server.studies.glob("reused*")) == ["reused.nii"]
+    assert not list(server.studies.glob("labels/*/reused*"))

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import logging
@@ -161,12 +162,41 @@ class SafeLocalDatastore(LocalDatastore):
         read_volume(image_filename, "image")
         name = self._filename(image_id, image_ext)
         with FileLock(self._lock_file):
+            previous = self._datastore.objects.get(image_id)
+            old_path = self.get_image_uri(image_id) if previous is not None else ""
+            same = bool(old_path) and os.path.exists(old_path) and filecmp.cmp(old_path, image_filename, shallow=False)
             self._copy_atomically(image_filename, os.path.join(self._datastore.image_path(), name))
-            info = {**(image_info or {}), "ts": int(time.time()), "name": name}
-            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
+            if old_path and os.path.realpath(old_path) != os.path.realpath(os.path.join(self._datastore.image_path(), name)):
+                os.unlink(old_path)  # the same id under another extension: one image per id
+            labels, kept_info = {}, {}
+            if previous is not None and same:
+                labels, kept_info = previous.labels, previous.image.info
+            elif previous is not None:  # another image under this id: its labels and scores describe the old one
+                for tag in previous.labels:
+                    stale = self.get_label_uri(image_id, tag)
+                    if stale and os.path.exists(stale):
+                        os.unlink(stale)
+                logger.warning("image %s was replaced by a different image: its labels %s were removed", image_id,
+                               sorted(previous.labels))
+            info = {**kept_info, **(image_info or {}), "ts": int(time.time()), "name": name}
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext), labels=labels)
             self._update_datastore_file(lock=False)
         logger.info("added image %s", image_id)
         return image_id
+
+    def remove_image(self, image_id: str) -> None:
+        known = self.known_id(image_id)
+        if known not in self._datastore.objects:
+            raise HTTPException(404, f"no image {image_id!r} in the datastore; GET /datastore/?output=all lists them")
+        super().remove_image(known)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        known = self.known_id(label_id)
+        obj = self._datastore.objects.get(known)
+        if obj is None or label_tag not in obj.labels:
+            raise HTTPException(404, f"image {label_id!r} has no label {label_tag!r}; GET /datastore/?output=all "
+                                     "lists the labels")
+        super().remove_label(known, label_tag)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         image_id_for(image_id)  # refuses names that look like paths, saying what is accepted

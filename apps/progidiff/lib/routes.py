@@ -57,6 +57,9 @@ def run_inference(
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ):
     check_params(params)
+    models = app_instance().info()["models"]
+    if model not in models:
+        raise HTTPException(404, f"no model {model!r}; this server serves: {', '.join(models)}")
     if file is None:
         return infer.run_inference(background_tasks, model, image, session_id, params, None, label, output)
     suffix = "".join(pathlib.Path(file.filename).suffixes) if file.filename else ".nii.gz"

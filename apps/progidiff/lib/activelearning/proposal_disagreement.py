@@ -13,7 +13,7 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.scoring.proposal_uncertainty import SCORE_KEY, ScoringParams, score_image
+from lib.scoring.proposal_uncertainty import ScoringParams, score_images
 
 logger = logging.getLogger(__name__)
 
@@ -26,15 +26,10 @@ class ProposalDisagreement(Strategy):
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
         params = ScoringParams.from_request(request, self.infer)  # bad options: 400 even with nothing to score
         images = datastore.get_unlabeled_images()
-        if not images:
+        scores = score_images(self.infer, datastore, images, params, reuse_stored=True)
+        if not scores:
             return None
-        scores = {}
-        for image_id in images:
-            entry = datastore.get_image_info(image_id).get(SCORE_KEY)
-            if not entry:
-                entry = score_image(self.infer, datastore, image_id, params)
-            scores[image_id] = entry
-        chosen = max(images, key=lambda i: (scores[i]["score"], i))
-        logger.info("proposal_disagreement: %s (score %.4f of %d unlabelled)", chosen, scores[chosen]["score"], len(images))
+        chosen = max(scores, key=lambda i: (scores[i]["score"], i))
+        logger.info("proposal_disagreement: %s (score %.4f of %d unlabelled)", chosen, scores[chosen]["score"], len(scores))
         return {"id": chosen, "score": scores[chosen]["score"],
                 "score_from_current_model": scores[chosen].get("model_version") == self.infer.model_version()}

@@ -203,6 +203,8 @@ class ProGiDiffInfer(BasicInferTask):
         image = data[self.input_key]
         if image.ndim != 4 or image.shape[0] != 1 or min(image.shape[1:]) < 2:
             raise bad_request(f"a single-channel 3D image is needed; got array shape {tuple(image.shape)}")
+        if not torch.isfinite(image).all():
+            raise bad_request("the image holds NaN or infinite voxels; accepted: finite intensities (HU for CT)")
         self._check_memory(image, params)
         modality, adapter = self.choose_adapter(params.modality, data.get("image_path", ""), image[0].numpy())
         proposals = self._proposals(data, params, adapter)

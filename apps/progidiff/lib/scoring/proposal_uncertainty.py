@@ -82,6 +82,23 @@ def score_image(infer: Any, datastore: Datastore, image_id: str, params: Scoring
     return entry
 
 
+def score_images(infer: Any, datastore: Datastore, images: list[str], params: ScoringParams,
+                 reuse_stored: bool = False) -> dict[str, dict[str, Any]]:
+    """Score entries of `images` (with `reuse_stored`, a readable stored score is kept). A study that cannot be
+    read or scored is left out with a warning: one broken study must not stop the others, nor the strategy."""
+    scores = {}
+    for image_id in images:
+        entry = datastore.get_image_info(image_id).get(SCORE_KEY) if reuse_stored else None
+        if not (isinstance(entry, dict) and isinstance(entry.get("score"), (int, float))):
+            try:
+                entry = score_image(infer, datastore, image_id, params)
+            except Exception as error:  # noqa: BLE001 - whatever is wrong with this study, the others go on
+                logger.warning("%s cannot be scored and is left out: %s: %s", image_id, type(error).__name__, error)
+                continue
+        scores[image_id] = entry
+    return scores
+
+
 class ProposalUncertainty(ScoringMethod):
     def __init__(self, infer: Any):
         super().__init__("Disagreement of ProGiDiff's proposals (1 − mean pairwise Dice) on unlabelled images")
@@ -91,4 +108,4 @@ class ProposalUncertainty(ScoringMethod):
         params = ScoringParams.from_request(request, self.infer)
         images = datastore.get_unlabeled_images()
         logger.info("scoring %d unlabelled images with %s", len(images), params)
-        return {image_id: score_image(self.infer, datastore, image_id, params)["score"] for image_id in images}
+        return {image_id: entry["score"] for image_id, entry in score_images(self.infer, datastore, images, params).items()}
