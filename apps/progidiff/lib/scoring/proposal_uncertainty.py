@@ -41,12 +41,15 @@ class ScoringParams:
         """Checked and bounded as an infer request is (HTTP 400 saying what is accepted), before any work.
         Proposals: 2 (disagreement needs two) to the server's `max_proposals`."""
         defaults = cls()
-        organs = request.get("organs", defaults.organs)
+        known = infer.known_organs()
+        # By default the model's own organs among liver, spleen and kidneys; organs a request names must be known.
+        default_organs = ",".join([o for o in defaults.organs.split(",") if o in known] or list(known))
+        organs = request.get("organs", default_organs)
         if not isinstance(organs, str) or len(organs) > MAX_PROMPT_CHARS:
             raise bad_request(f"'organs' must be a prompt of at most {MAX_PROMPT_CHARS} characters, e.g. "
                               f"{defaults.organs!r}; got {organs!r}"[:600])
         try:
-            parse_prompt(organs, known=infer.known_organs())
+            parse_prompt(organs, known=known)
         except UnknownPromptError as error:
             raise bad_request(str(error)) from None
         return cls(
