@@ -365,3 +365,36 @@ def test_reuploading_an_id_with_another_image_drops_its_labels(server, tmp_path)
     assert entry["labels"] == {} and entry["image"]["ext"] == ".nii"
     assert sorted(p.name for p in server.studies.glob("reused*")) == ["reused.nii"]
     assert not list(server.studies.glob("labels/*/reused*"))
+
+
+@pytest.mark.parametrize("options", [{"result_compress": 0}, {"skip_writer": 0}, {"logging": ""}, {"logging": None},
+                                     {"logging": "debug"}])
+def test_monai_label_options_in_other_types_are_taken_as_meant(server, options):
+    response = infer(server, "phantom_000", {"prompt": "liver", **options})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"val_split": 7}, "'val_split' must be a number from 0 to 0.9"),
+    ({"max_epochs": -1}, "'max_epochs' must be an integer from 1"),
+    ({"max_epochs": 2.5}, "'max_epochs' must be an integer"),
+    ({"learning_rate": "abc"}, "'learning_rate' must be a number"),
+    ({"name": "../x"}, "run name"),
+])
+def test_train_options_are_checked_before_a_run_starts(server, body, fragment):
+    response = requests.post(f"{server.url}/train/progidiff", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["detail"]
+    assert requests.get(f"{server.url}/train/", timeout=30).json().get("status") != "RUNNING"
+    assert requests.post(f"{server.url}/train/no_such_task", json={}, timeout=60).status_code == 404
+
+
+def test_an_image_upload_with_nan_voxels_is_refused(server, tmp_path):
+    volume = np.full((40, 40, 10), 40.0, np.float32)
+    volume[1, 2, 3] = np.inf
+    before = datastore_state(server)
+    response = requests.put(f"{server.url}/datastore/", params={"image": "nan_upload"},
+                            files={"file": ("nan_upload.nii", io.BytesIO(nib.Nifti1Image(volume, np.eye(4)).to_bytes()))},
+                            timeout=60)
+    assert response.status_code == 400 and "NaN or infinite" in response.json()["detail"], response.text
+    assert datastore_state(server) == before

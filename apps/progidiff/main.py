@@ -86,6 +86,12 @@ class ProGiDiffApp(MONAILabelApp):
         in_datastore = ids is not None and image in ids
         return super().infer({**request, "image": image, DATASTORE_ID: image if in_datastore else None}, datastore)
 
+    def check_train_request(self, model: str, params: dict) -> None:
+        """Refuse an unknown train task or bad options (HTTP 4xx) before MONAI Label submits the run."""
+        if model not in self._trainers:
+            raise HTTPException(404, f"no train task {model!r}; known: {', '.join(self._trainers)}")
+        self._trainers[model].check_request(params)
+
     def check_scoring_request(self, method: str, params: dict) -> None:
         """Refuse an unknown scoring method or bad options (HTTP 4xx) before MONAI Label submits the task."""
         if method not in self._scoring_methods:

@@ -159,7 +159,8 @@ class SafeLocalDatastore(LocalDatastore):
         derived_id, image_ext = self._to_id(os.path.basename(image_filename))
         image_id = image_id_for(image_id or derived_id)
         check_header(image_filename, self.max_bytes, "image")
-        read_volume(image_filename, "image")
+        if not np.isfinite(np.asarray(read_volume(image_filename, "image"))).all():
+            raise HTTPException(400, "the image holds NaN or infinite voxels; accepted: finite intensities (HU for CT)")
         name = self._filename(image_id, image_ext)
         with FileLock(self._lock_file):
             previous = self._datastore.objects.get(image_id)

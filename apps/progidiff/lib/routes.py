@@ -24,7 +24,7 @@ from typing import Optional
 
 from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, File, Form, HTTPException, UploadFile
 from monailabel.config import settings
-from monailabel.endpoints import activelearning, datastore, infer, scoring
+from monailabel.endpoints import activelearning, datastore, infer, scoring, train
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.utils.app import app_instance
@@ -90,6 +90,15 @@ def run_scoring(method: str, params: Optional[dict] = None, run_sync: Optional[b
     if check is not None:  # options checked here: the task itself runs in a subprocess nobody answers from
         check(method, params or {})
     return scoring.run_method(method, params, run_sync)
+
+
+@router.post("/train/{model}")
+def run_training(model: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
+                 enqueue: Optional[bool] = False, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+    check = getattr(app_instance(), "check_train_request", None)
+    if check is not None:  # options checked here: the run itself is a subprocess nobody answers from
+        check(model, params or {})
+    return train.run_model(model, params, run_sync, enqueue)
 
 
 @router.put("/datastore/")

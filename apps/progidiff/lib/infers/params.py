@@ -107,9 +107,9 @@ def _flag(data: dict[str, Any], key: str, default: bool) -> bool:
         raise bad_request(f"'{key}' must be true or false; got {value!r}") from None
 
 
-def check_monai_label_options(data: dict[str, Any]) -> None:
-    """The options MONAI Label reads itself, checked before any work (it would fail on them with a bare 500,
-    some only after sampling)."""
+def monai_label_options(data: dict[str, Any]) -> dict[str, Any]:
+    """The options MONAI Label reads itself, checked before any work (it fails on them with a bare 500, some only
+    after sampling), and returned in the types it expects (flags as booleans, an empty level as INFO)."""
     choices = {"result_extension": RESULT_EXTENSIONS, "result_dtype": RESULT_DTYPES}
     for key, accepted in choices.items():
         if data.get(key) not in (None, "") and data[key] not in accepted:
@@ -117,16 +117,16 @@ def check_monai_label_options(data: dict[str, Any]) -> None:
     level = data.get("logging")
     if level not in (None, "") and (not isinstance(level, str) or level.upper() not in LOG_LEVELS):
         raise bad_request(f"'logging' must be one of {', '.join(LOG_LEVELS)}; got {level!r}"[:300])
-    _flag(data, "result_compress", False)
     if _flag(data, "skip_writer", False):
         raise bad_request("'skip_writer' is not supported: this app always returns its answer as a label file")
+    return {"logging": (level or "INFO").upper(), "result_compress": _flag(data, "result_compress", False),
+            "skip_writer": False}
 
 
 def parse_params(
     data: dict[str, Any], defaults: dict[str, Any], max_proposals: int, known_organs: tuple[str, ...],
     organ_ids: dict[str, int],
 ) -> InferParams:
-    check_monai_label_options(data)
     if data.get("label_prompt") not in (None, []):
         organs = organs_from_label_prompt(data["label_prompt"], organ_ids, known_organs)
         return _with_organs(data, defaults, max_proposals, ", ".join(organs), organs)

@@ -33,7 +33,7 @@ from monailabel.transform.writer import Writer
 
 from lib.datastore import FLOAT_MAPS, check_header
 from lib.dicomweb import CONTENT_DESCRIPTION, MACHINE_SERIES, SERIES_DESCRIPTION
-from lib.infers.params import InferParams, bad_request, parse_params
+from lib.infers.params import InferParams, bad_request, monai_label_options, parse_params
 from progidiff import lora
 from progidiff.io_utils import published_folders, recover_directories, recover_directory
 from progidiff.labels import ORGAN_IDS
@@ -167,6 +167,7 @@ class ProGiDiffInfer(BasicInferTask):
     def __call__(self, request, callbacks=None):
         # Check the request before loading anything, and answer 400 with what is accepted.
         merged = {**copy.deepcopy(self._config), **request}
+        request = {**request, **monai_label_options(merged)}
         params = parse_params(merged, self._config, self.settings.max_proposals, self.known_organs(), ORGAN_IDS)
         if isinstance(request.get("image"), str):  # a path by now: refuse from its header, before reading it
             check_header(request["image"], self.settings.max_memory_gb * 2**30, "image")

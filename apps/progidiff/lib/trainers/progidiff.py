@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
+from lib.datastore import check_name
 from progidiff.data import SliceDataset, Volume, load_volume_pair, split_slices
 from progidiff.io_utils import atomic_file
 from progidiff.labels import ORGAN_IDS, class_map_from_label_info
@@ -65,6 +67,29 @@ class ProGiDiffTrain(BasicTrainTask):
         self.settings = settings
         for key in ("dataset", "dataloader", "val_batch_size", "early_stop_patience", "gpus"):
             self._config.pop(key, None)  # MONAI's ignite/DDP options; this loop does not use them
+
+    def option_bounds(self) -> dict[str, tuple[type, float, float]]:
+        """Train options a request may set: (type, lowest, highest)."""
+        return {"max_epochs": (int, 1, 10000), "learning_rate": (float, 1e-8, 1.0), "train_batch_size": (int, 1, 256),
+                "val_split": (float, 0.0, 0.9), "val_proposals": (int, 1, self.settings.max_proposals),
+                "val_steps": (int, 1, 200)}
+
+    def check_request(self, params: dict[str, Any]) -> None:
+        """Refuse bad options (HTTP 400, saying what is accepted) before MONAI Label submits the run."""
+        for key, (kind, low, high) in self.option_bounds().items():
+            if key not in params:
+                continue
+            value = params[key]
+            try:
+                number = None if isinstance(value, bool) else kind(value)
+                whole = kind is not int or float(value) == number
+            except (TypeError, ValueError, OverflowError):
+                number, whole = None, False
+            if number is None or not whole or not low <= number <= high:
+                raise HTTPException(400, f"train option '{key}' must be {'an integer' if kind is int else 'a number'} "
+                                         f"from {low:g} to {high:g}; got {value!r}"[:300])
+        if "name" in params:
+            check_name("run name", params["name"])
 
     # BasicTrainTask's hooks for MONAI's ignite trainer.  `train` runs the ProGiDiff loop instead, which
     # owns its network, optimizer, losses, transforms and sampler (progidiff.training).

@@ -46,6 +46,10 @@ class ProGiDiffLoraTrain(ProGiDiffTrain):
         self.modality = modality
         self.lora_settings = lora.LoraSettings()
 
+    def option_bounds(self) -> dict[str, tuple[type, float, float]]:
+        return {**super().option_bounds(), "rank": (int, 1, 256), "alpha": (float, 0.01, 10000.0),
+                "dropout": (float, 0.0, 0.9)}
+
     def network(self, context: Context) -> ProGiDiffModel:
         request = context.request
         self.lora_settings = lora.LoraSettings(rank=int(request["rank"]), alpha=float(request["alpha"]),
