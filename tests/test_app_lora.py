@@ -108,7 +108,7 @@ def test_a_second_run_is_measured_against_the_published_adapter(server):
         pytest.skip("needs the adapter published by the first test")
     before = {p.name: p.read_bytes() for p in adapter.iterdir()}
     response = requests.post(f"{server.url}/train/progidiff_mr_lora", timeout=60, json={
-        "max_epochs": 1, "train_batch_size": 4, "val_proposals": 1, "val_steps": 1, "rank": 4, "learning_rate": 5.0})
+        "max_epochs": 1, "train_batch_size": 4, "val_proposals": 1, "val_steps": 1, "rank": 4, "learning_rate": 1.0})
     assert response.status_code == 200, response.text
     assert server.wait_for_task("train")["status"] == "DONE", server.log_tail()
     stats = requests.get(f"{server.url}/info/", timeout=30).json()["train_stats"]["progidiff_mr_lora"]
