@@ -86,16 +86,24 @@ class ProGiDiffApp(MONAILabelApp):
         in_datastore = ids is not None and image in ids
         return super().infer({**request, "image": image, DATASTORE_ID: image if in_datastore else None}, datastore)
 
+    def check_known(self, kind: str, name: str) -> None:
+        """Refuse (404, naming what there is) a request for a task this app does not have; cheap, unlike `info()`,
+        which also lists the datastore (a PACS query in DICOMweb mode)."""
+        tasks, known = {"model": (self._infers, "this server serves"),
+                        "active-learning strategy": (self._strategies, "known"),
+                        "scoring method": (self._scoring_methods, "known"),
+                        "train task": (self._trainers, "known")}[kind]
+        if name not in tasks:
+            raise HTTPException(404, f"no {kind} {name!r}; {known}: {', '.join(tasks)}")
+
     def check_train_request(self, model: str, params: dict) -> None:
         """Refuse an unknown train task or bad options (HTTP 4xx) before MONAI Label submits the run."""
-        if model not in self._trainers:
-            raise HTTPException(404, f"no train task {model!r}; known: {', '.join(self._trainers)}")
+        self.check_known("train task", model)
         self._trainers[model].check_request(params)
 
     def check_scoring_request(self, method: str, params: dict) -> None:
         """Refuse an unknown scoring method or bad options (HTTP 4xx) before MONAI Label submits the task."""
-        if method not in self._scoring_methods:
-            raise HTTPException(404, f"no scoring method {method!r}; known: {', '.join(self._scoring_methods)}")
+        self.check_known("scoring method", method)
         if isinstance(self._scoring_methods[method], ProposalUncertainty):
             ScoringParams.from_request(params, self._infers["progidiff"])
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import pydicom
 import SimpleITK as sitk
-
 from dicomweb_client.session_utils import create_session_from_user_pass
 from fastapi import HTTPException
 from monailabel.config import settings
@@ -27,10 +26,10 @@ from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
+
 from progidiff.dicom_seg import SegSeries, write_dicom_seg
 from progidiff.io_utils import atomic_file
 from progidiff.labels import ORGAN_IDS, class_map_from_label_info, schema_organ, to_schema
-from pydicom import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ class PeopleLabelsOnly:
         found = self._client.search_for_series(*args, search_filters=search_filters, **kwargs)
         if (search_filters or {}).get("Modality") == "SEG":
             found = [s for s in found
-                     if not str(Dataset.from_json(s).get("SeriesDescription", "")).startswith(MACHINE_SERIES)]
+                     if not str(pydicom.Dataset.from_json(s).get("SeriesDescription", "")).startswith(MACHINE_SERIES)]
         return found
 
 

@@ -57,9 +57,7 @@ def run_inference(
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ):
     check_params(params)
-    models = app_instance().info()["models"]
-    if model not in models:
-        raise HTTPException(404, f"no model {model!r}; this server serves: {', '.join(models)}")
+    app_instance().check_known("model", model)
     if file is None:
         return infer.run_inference(background_tasks, model, image, session_id, params, None, label, output)
     suffix = "".join(pathlib.Path(file.filename).suffixes) if file.filename else ".nii.gz"
@@ -77,27 +75,23 @@ def run_inference(
 @router.post("/activelearning/{strategy}")
 def next_sample(strategy: str, params: Optional[dict] = None,
                 user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
-    strategies = app_instance().info()["strategies"]
-    if strategy not in strategies:
-        raise HTTPException(404, f"no active-learning strategy {strategy!r}; known: {', '.join(strategies)}")
+    app_instance().check_known("active-learning strategy", strategy)
     return activelearning.sample(strategy, params, user.username)
 
 
 @router.post("/scoring/{method}")
 def run_scoring(method: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
                 user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
-    check = getattr(app_instance(), "check_scoring_request", None)
-    if check is not None:  # options checked here: the task itself runs in a subprocess nobody answers from
-        check(method, params or {})
+    # options checked here: the task itself runs in a subprocess nobody answers from
+    app_instance().check_scoring_request(method, params or {})
     return scoring.run_method(method, params, run_sync)
 
 
 @router.post("/train/{model}")
 def run_training(model: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
                  enqueue: Optional[bool] = False, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
-    check = getattr(app_instance(), "check_train_request", None)
-    if check is not None:  # options checked here: the run itself is a subprocess nobody answers from
-        check(model, params or {})
+    # options checked here: the run itself is a subprocess nobody answers from
+    app_instance().check_train_request(model, params or {})
     return train.run_model(model, params, run_sync, enqueue)
 
 
