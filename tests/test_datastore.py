@@ -1,8 +1,11 @@
-"""The app's datastore: a label save that fails half-way leaves the previous label and index intact."""
+"""The app's datastore: a label save that fails half-way leaves the previous label and index intact; two
+processes writing the index at once (the server saving labels, a scoring subprocess storing scores) lose
+nothing; a removed image is gone at once and after a restart."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import sys
 
 import nibabel as nib
@@ -49,3 +52,50 @@ def test_interrupted_label_save_keeps_the_previous_label(tmp_path, monkeypatch):
     monkeypatch.undo()
     store.save_label("phantom_002", str(label_file(tmp_path, 2)), "final", {"by": "second"})
     assert np.asarray(nib.load(store.get_label_uri("phantom_002", "final")).dataobj).max() == 2
+
+
+def open_store(studies):
+    return app_datastore.SafeLocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
+
+
+def store_scores(studies, rounds: int, ready) -> None:
+    """A scoring subprocess: its own datastore object, its own copy of the index in memory."""
+    store = open_store(studies)
+    ready.set()
+    for i in range(rounds):
+        store.update_image_info("phantom_001", {f"score_{i}": i})
+
+
+def test_scores_and_labels_written_at_once_by_two_processes_are_all_kept(tmp_path):
+    studies = copy_studies(SAMPLE, tmp_path / "studies")
+    server = open_store(studies)
+    rounds = 20
+    labels = [label_file(tmp_path, value) for value in (1, 2)]
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    scoring = context.Process(target=store_scores, args=(studies, rounds, ready))
+    scoring.start()
+    assert ready.wait(timeout=120)
+    for i in range(rounds):
+        server.save_label("phantom_002", str(labels[i % 2]), f"tag_{i}", {"round": i})
+    scoring.join(timeout=120)
+    assert scoring.exitcode == 0
+
+    server.refresh()  # what the server's folder watcher does when another process writes the index
+    for store in (server, open_store(studies)):  # the server's view, and the file a restarted server reads
+        assert sorted(store._datastore.objects["phantom_002"].labels) == sorted(f"tag_{i}" for i in range(rounds))
+        info = store.get_image_info("phantom_001")
+        assert [info.get(f"score_{i}") for i in range(rounds)] == list(range(rounds))
+
+
+def test_a_removed_image_is_gone_at_once_and_after_a_restart(tmp_path):
+    studies = copy_studies(SAMPLE, tmp_path / "studies")
+    store = app_datastore.SafeLocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=True)
+    store.save_label("phantom_002", str(label_file(tmp_path, 1)), "final", {})
+    store.remove_image("phantom_002")
+    assert "phantom_002" not in store.list_images()  # not left to the folder watcher
+    assert not list(studies.rglob("phantom_002*"))
+    assert "phantom_002" not in open_store(studies).list_images()
+    with pytest.raises(app_datastore.HTTPException) as refused:
+        store.remove_image("phantom_002")
+    assert refused.value.status_code == 404

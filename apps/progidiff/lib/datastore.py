@@ -11,10 +11,17 @@
   the annotator's work was, or an index the server cannot read.  Here each file is written beside its
   destination and renamed over it in one step: readers and a restarted server see the old version or
   the new one, never half of one.
+- One index, several processes: the server and its scoring and training subprocesses each hold the index
+  in memory.  `LocalDatastore` writes its own copy over the file, so a score stored by a subprocess while
+  the server saved a label was lost (or the label's entry).  Every change here is a read-modify-write under
+  the datastore's file lock (`_changing_index`): the file is read again if another process wrote it.
+- Removals are final at once: `LocalDatastore` deletes the files and leaves the index to its folder
+  watcher (the id is listed until the watcher runs); here the entry leaves the index in the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import hashlib
 import json
@@ -23,6 +30,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import HTTPException
@@ -30,7 +38,7 @@ from filelock import FileLock
 import numpy as np
 from monai.data import MetaTensor
 from monai.transforms import LoadImage
-from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 
 from progidiff.image_header import ImplausibleImage, check_declared_volume
 from progidiff.io_utils import atomic_file
@@ -116,9 +124,13 @@ def check_label_values(label: MetaTensor, label_info: dict[str, Any]) -> None:
 
 
 class SafeLocalDatastore(LocalDatastore):
-    def __init__(self, *args, max_bytes: float = 8 * 2**30, **kwargs):
+    def __init__(self, datastore_path: str, *args, max_bytes: float = 8 * 2**30, **kwargs):
         """`max_bytes`: the largest upload to work on, as float32 (the server's `max_memory_gb`)."""
-        super().__init__(*args, **kwargs)
+        # One lock object for every index access: re-entrant in a thread (a change may reload the index),
+        # exclusive between threads and processes.
+        self._index_lock = FileLock(os.path.join(datastore_path, ".lock"))
+        self._index_stamp: tuple[int, int, int] | None = None
+        super().__init__(datastore_path, *args, **kwargs)
         self.max_bytes = max_bytes
         if getattr(self, "_handler", None) is not None:
             # A rename is a "moved" event, which LocalDatastore's folder watcher does not handle: without
@@ -128,10 +140,8 @@ class SafeLocalDatastore(LocalDatastore):
     def _on_moved_event(self, event) -> None:
         if event.dest_path != self._datastore_config_path:
             self._on_any_event(event)  # an image or label renamed into place: reconcile with the folder
-        elif self._ignore_event_config:
-            self._ignore_event_config = False  # our own write
         else:
-            self._init_from_datastore_file()
+            self._init_from_datastore_file()  # reads only if another process wrote it
 
     def known_id(self, image_id: str) -> str:
         """`image_id` as stored: a viewer's volume name reaches the id its upload was stored under."""
@@ -162,7 +172,7 @@ class SafeLocalDatastore(LocalDatastore):
         if not np.isfinite(np.asarray(read_volume(image_filename, "image"))).all():
             raise HTTPException(400, "the image holds NaN or infinite voxels; accepted: finite intensities (HU for CT)")
         name = self._filename(image_id, image_ext)
-        with FileLock(self._lock_file):
+        with self._changing_index():
             previous = self._datastore.objects.get(image_id)
             old_path = self.get_image_uri(image_id) if previous is not None else ""
             same = bool(old_path) and os.path.exists(old_path) and filecmp.cmp(old_path, image_filename, shallow=False)
@@ -181,23 +191,54 @@ class SafeLocalDatastore(LocalDatastore):
                                sorted(previous.labels))
             info = {**kept_info, **(image_info or {}), "ts": int(time.time()), "name": name}
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext), labels=labels)
-            self._update_datastore_file(lock=False)
         logger.info("added image %s", image_id)
         return image_id
 
     def remove_image(self, image_id: str) -> None:
-        known = self.known_id(image_id)
-        if known not in self._datastore.objects:
-            raise HTTPException(404, f"no image {image_id!r} in the datastore; GET /datastore/?output=all lists them")
-        super().remove_image(known)
+        """The image, its labels and its entry go in one step (a restarted server cannot bring it back)."""
+        with self._changing_index():
+            known = self.known_id(image_id)
+            obj = self._datastore.objects.get(known)
+            if obj is None:
+                raise HTTPException(404, f"no image {image_id!r} in the datastore; GET /datastore/?output=all lists them")
+            for tag in list(obj.labels):
+                self._remove_label_file(known, tag)
+            self._remove_file(os.path.join(self._datastore.image_path(), self._filename(known, obj.image.ext)))
+            del self._datastore.objects[known]
+        logger.info("removed image %s and its labels", known)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
-        known = self.known_id(label_id)
-        obj = self._datastore.objects.get(known)
-        if obj is None or label_tag not in obj.labels:
-            raise HTTPException(404, f"image {label_id!r} has no label {label_tag!r}; GET /datastore/?output=all "
-                                     "lists the labels")
-        super().remove_label(known, label_tag)
+        with self._changing_index():
+            known = self.known_id(label_id)
+            obj = self._datastore.objects.get(known)
+            if obj is None or label_tag not in obj.labels:
+                raise HTTPException(404, f"image {label_id!r} has no label {label_tag!r}; GET /datastore/?output=all "
+                                         "lists the labels")
+            self._remove_label_file(known, label_tag)
+            del obj.labels[label_tag]
+        logger.info("removed label %s => %s", known, label_tag)
+
+    def _remove_label_file(self, image_id: str, tag: str) -> None:
+        label = self._datastore.objects[image_id].labels[tag]
+        self._remove_file(os.path.join(self._datastore.label_path(tag), self._filename(image_id, label.ext)))
+
+    def _remove_file(self, path: str) -> None:
+        if os.path.exists(path):
+            os.unlink(path)  # the folder watcher's reconciliation then finds the index already without it
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        with self._changing_index():
+            obj = self._datastore.objects.get(self.known_id(image_id))
+            if obj is None:
+                raise HTTPException(404, f"no image {image_id!r} in the datastore")
+            obj.image.info.update(info)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        with self._changing_index():
+            label = self._datastore.label(self.known_id(label_id), label_tag)
+            if not label:
+                raise HTTPException(404, f"image {label_id!r} has no label {label_tag!r}")
+            label.info.update(info)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         image_id_for(image_id)  # refuses names that look like paths, saying what is accepted
@@ -214,11 +255,13 @@ class SafeLocalDatastore(LocalDatastore):
             check_label_values(label, label_info)
         _, label_ext = self._to_id(os.path.basename(label_filename))
         name = self._filename(image_id, label_ext)
-        with FileLock(self._lock_file):
+        with self._changing_index():
+            obj = self._datastore.objects.get(image_id)
+            if obj is None:  # removed by another request meanwhile
+                raise HTTPException(404, f"no image {image_id!r} in the datastore")
             self._copy_atomically(label_filename, os.path.join(self._datastore.label_path(label_tag), name))
             info = {**(label_info or {}), "ts": int(time.time()), "name": name}
             obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
-            self._update_datastore_file(lock=False)
         logger.info("saved label %s => %s", image_id, label_tag)
         return image_id
 
@@ -228,15 +271,54 @@ class SafeLocalDatastore(LocalDatastore):
         with atomic_file(dest, suffix=".part") as tmp:
             shutil.copyfile(source, tmp)
 
+    @contextlib.contextmanager
+    def _changing_index(self) -> Iterator[None]:
+        """Read-modify-write of the index: under the lock, read again what another process wrote since we
+        last read or wrote it, let the caller change it, write it (atomically)."""
+        with self._index_lock:
+            self._read_index_if_changed()
+            yield
+            self._write_index()
+
+    def _read_index_if_changed(self) -> None:
+        if not os.path.exists(self._datastore_config_path):
+            return
+        stamp = self._stamp()
+        if stamp != self._index_stamp:
+            with open(self._datastore_config_path) as index:
+                self._datastore = LocalDatastoreModel.model_validate_json(index.read())
+            self._datastore.base_path = self._datastore_path
+            self._index_stamp = stamp
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+    def _stamp(self) -> tuple[int, int, int]:
+        """Changes with every write: each one is a new file renamed into place."""
+        stat = os.stat(self._datastore_config_path)
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    def _init_from_datastore_file(self, throw_exception: bool = False) -> None:
+        """LocalDatastore's reload (start-up, its folder watcher, its reconciliation), under the one lock."""
+        try:
+            with self._index_lock:
+                self._read_index_if_changed()
+        except ValueError as error:
+            logger.error("the datastore index %s cannot be read: %s", self._datastore_config_path, error)
+            if throw_exception:
+                raise
+
+    def _reconcile_datastore(self) -> None:
+        """LocalDatastore's reconciliation with the folder, as one read-modify-write (it re-reads the index
+        and writes it back; another process's write between the two would be lost)."""
+        with self._index_lock:
+            super()._reconcile_datastore()
+
     def _update_datastore_file(self, lock: bool = True) -> None:
-        if lock:
-            with FileLock(self._lock_file):
-                self._write_index()
-        else:
+        with self._index_lock:
             self._write_index()
 
     def _write_index(self) -> None:
         self._ignore_event_config = True  # as LocalDatastore does: its own write is not an outside change
         with atomic_file(self._datastore_config_path, suffix=".part") as tmp:
             tmp.write_text(json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
+        self._index_stamp = self._stamp()
         self._config_ts = os.stat(self._datastore_config_path).st_mtime
