@@ -31,9 +31,19 @@ def loading_transforms(keys: str | list[str] = "image", spacing: float | None = 
     """MONAI transforms that bring a NIfTI/NRRD file or DICOM series folder into the model's frame
     (RAS, `spacing` mm in-plane, slice spacing kept); `label_keys` are resampled nearest-neighbour.
     A DICOM folder must hold one complete series (`CheckDicomSeriesd`)."""
+    return reading_transforms(keys) + geometry_transforms(keys, spacing, label_keys)
+
+
+def reading_transforms(keys: str | list[str]) -> list:
+    """The reading part of `loading_transforms`: what fails here is the file's fault."""
     keys = [keys] if isinstance(keys, str) else list(keys)
-    steps: list = [CheckDicomSeriesd(keys), mt.LoadImaged(keys), mt.EnsureChannelFirstd(keys),
-                   mt.Orientationd(keys, axcodes="RAS")]
+    return [CheckDicomSeriesd(keys), mt.LoadImaged(keys), mt.EnsureChannelFirstd(keys)]
+
+
+def geometry_transforms(keys: str | list[str], spacing: float | None = None, label_keys: tuple = ()) -> list:
+    """The resampling part of `loading_transforms`: on a readable 3D image with a sound affine it cannot fail."""
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    steps: list = [mt.Orientationd(keys, axcodes="RAS")]
     if spacing:
         modes = tuple("nearest" if k in label_keys else "bilinear" for k in keys)
         steps.append(mt.Spacingd(keys, pixdim=(spacing, spacing, -1), mode=modes))

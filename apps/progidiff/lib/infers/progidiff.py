@@ -18,12 +18,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
+from fastapi import HTTPException
 from monai.data import MetaTensor
 from monai.transforms import Compose
 from monailabel.interfaces.datastore import Datastore
@@ -49,7 +51,14 @@ from progidiff.outputs import (
     proposal_layers,
     renumber,
 )
-from progidiff.volume import VolumeProposals, loading_transforms, organ_statistics, reading_error, segment_volume
+from progidiff.volume import (
+    VolumeProposals,
+    loading_transforms,
+    organ_statistics,
+    reading_error,
+    reading_transforms,
+    segment_volume,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +66,63 @@ RESULT_CACHE_SIZE = 4
 SEG_NRRD = ".seg.nrrd"
 # Set by the app on every request: the datastore id of the request's image (None for uploads and paths).
 DATASTORE_ID = "progidiff_datastore_id"
+# Set by the task on every request: the model version and pipeline the whole request uses (`ServedModel`).
+SERVED_MODEL = "progidiff_served_model"
 PUBLISH_WAIT_TRIES = 100
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One published model version and its loaded pipeline. A request takes one when it starts and uses it
+    throughout: a publish in the middle of a request neither mixes two versions in one answer nor files
+    a new version's result under the old version's cache key."""
+
+    version: str
+    pipeline: ProGiDiffPipeline = field(repr=False)
+
+    def __deepcopy__(self, memo: dict) -> "ServedModel":
+        return self  # shared and never changed: MONAI Label deep-copies each request, not the model in it
+
+    @property
+    def short_version(self) -> str:
+        """A short name of the weights (and adapters), for people: changes with every publish."""
+        return hashlib.sha256(self.version.encode()).hexdigest()[:8]
+
+    def known_organs(self) -> tuple[str, ...]:
+        organs = self.pipeline.model.config.organs
+        return tuple(organs) if organs else tuple(ORGAN_IDS)
+
+
+ACCEPTED_IMAGES = ("a NIfTI (.nii, .nii.gz) or NRRD file holding one 3D volume, or a folder holding one DICOM "
+                   "series")
+
+
+def unreadable_image(error: Exception) -> Exception:
+    """What a failure to read the image is: the file's fault (400, saying what is accepted) unless the server ran
+    out of memory (503: try later or smaller) or lacks a reader package (its own fault: raised as is, a 500)."""
+    cause = reading_error(error)
+    if isinstance(cause, MemoryError):
+        logger.error("out of memory while reading an image")
+        return HTTPException(503, "the server ran out of memory while reading the image; try again later, or send a "
+                                  "smaller image (max_memory_gb bounds what it accepts)")
+    if isinstance(cause, ImportError):
+        return cause
+    return bad_request(f"could not read the image ({type(cause).__name__}: {str(cause)[:400]}); accepted: "
+                       f"{ACCEPTED_IMAGES}")
+
+
+def check_loaded_image(image: MetaTensor) -> None:
+    """What resampling needs (400 otherwise): one channel, three axes of at least 2 voxels, an affine that is
+    finite and invertible, finite voxels."""
+    if image.ndim != 4 or image.shape[0] != 1 or min(image.shape[1:]) < 2:
+        raise bad_request(f"a single-channel 3D image is needed; got array shape {tuple(image.shape)}; accepted: "
+                          f"{ACCEPTED_IMAGES}")
+    affine = np.asarray(image.affine, dtype=float)[:3, :3]
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine)) < 1e-6:
+        raise bad_request("the image's voxel-to-world matrix (affine) is not finite and invertible; accepted: an "
+                          "image whose header gives positive voxel spacings and independent axis directions")
+    if not torch.isfinite(image).all():
+        raise bad_request("the image holds NaN or infinite voxels; accepted: finite intensities (HU for CT)")
 
 
 class ProGiDiffInfer(BasicInferTask):
@@ -93,7 +158,7 @@ class ProGiDiffInfer(BasicInferTask):
         self.adapters_dir = Path(settings.adapters_path)
         self._lock = threading.Lock()
         self._sampling_lock = threading.Lock()
-        self._pipeline: tuple[str, ProGiDiffPipeline] | None = None
+        self._served: ServedModel | None = None
         self._results: OrderedDict[tuple, VolumeProposals] = OrderedDict()
         # A publish killed between its two renames (server killed mid-publish) left the previous version aside:
         # put it back now, at start-up, before any request looks for it.
@@ -124,18 +189,21 @@ class ProGiDiffInfer(BasicInferTask):
                 adapters.append(f"{folder.name}:{(folder / lora.ADAPTER_CONFIG).stat().st_mtime_ns}")
         return ";".join([f"model:{model}", *adapters])
 
-    def pipeline(self) -> ProGiDiffPipeline:
-        """The loaded pipeline, reloaded when a newer model has been published (no server restart)."""
+    def served(self) -> ServedModel:
+        """The newest published model, loaded (reloaded when a newer one has been published: no server restart)."""
         with self._lock:
             version = self.model_version()
-            if self._pipeline is None or self._pipeline[0] != version:
+            if self._served is None or self._served.version != version:
                 logger.info("loading ProGiDiff model from %s", self.model_dir)
-                self._pipeline = self._load_pipeline()
+                self._served = self._load_pipeline()
                 self._results.clear()
-            return self._pipeline[1]
+            return self._served
 
-    def _load_pipeline(self) -> tuple[str, ProGiDiffPipeline]:
-        """(version, pipeline) with every published adapter loaded beside the model (inactive until asked for);
+    def pipeline(self) -> ProGiDiffPipeline:
+        return self.served().pipeline
+
+    def _load_pipeline(self) -> ServedModel:
+        """The pipeline with every published adapter loaded beside the model (inactive until asked for);
         reads again if a publish replaced a folder while it was being read."""
         failures = 0
         while True:
@@ -145,7 +213,7 @@ class ProGiDiffInfer(BasicInferTask):
                 for folder in published_folders(self.adapters_dir, lora.ADAPTER_CONFIG):
                     lora.load_adapter(model, folder, folder.name)
                     logger.info("loaded the %s adapter from %s", folder.name, folder)
-                return version, ProGiDiffPipeline(
+                return ServedModel(version, ProGiDiffPipeline(
                     model,
                     prompt_encoder_for(model, self.model_dir),
                     scheduler=self.settings.scheduler,
@@ -153,22 +221,22 @@ class ProGiDiffInfer(BasicInferTask):
                     precision=self.settings.precision,
                     show_progress=False,
                     spread=self.settings.pipeline_spread(),
-                )
+                ))
             except OSError:
                 failures += 1
                 if failures == 3:
                     raise
 
     def known_organs(self) -> tuple[str, ...]:
-        organs = self.pipeline().model.config.organs
-        return tuple(organs) if organs else tuple(ORGAN_IDS)
+        return self.served().known_organs()
 
     # ---- MONAI Label flow ----------------------------------------------------------------------
     def __call__(self, request, callbacks=None):
         # Check the request before loading anything, and answer 400 with what is accepted.
+        served = self.served()
         merged = {**copy.deepcopy(self._config), **request}
-        request = {**request, **monai_label_options(merged)}
-        params = parse_params(merged, self._config, self.settings.max_proposals, self.known_organs(), ORGAN_IDS)
+        request = {**request, **monai_label_options(merged), SERVED_MODEL: served}
+        params = parse_params(merged, self._config, self.settings.max_proposals, served.known_organs(), ORGAN_IDS)
         if isinstance(request.get("image"), str):  # a path by now: refuse from its header, before reading it
             check_header(request["image"], self.settings.max_memory_gb * 2**30, "image")
         request = {**request, "volume": request.get("image"), "progidiff": params}
@@ -179,19 +247,21 @@ class ProGiDiffInfer(BasicInferTask):
         return label_file, result
 
     def pre_transforms(self, data=None):
-        spacing = self.pipeline().model.config.spacing_mm
+        spacing = data[SERVED_MODEL].pipeline.model.config.spacing_mm
         return loading_transforms(self.input_key, spacing)
 
     def run_pre_transforms(self, data: dict[str, Any], transforms):
+        """Reading, then a check of what was read, then resampling: a 400 when the file is at fault (it cannot be
+        read, is no single 3D volume, has no sound geometry or finite voxels); anything that fails after that
+        check is the server's fault and is left to be a 5xx, logged with its traceback."""
         data["progidiff_pre_transforms"] = transforms  # `finish` undoes them on the outputs, a few channels at a time
+        reading = len(reading_transforms(self.input_key))
         try:
-            return super().run_pre_transforms(data, transforms)
-        except Exception as error:  # noqa: BLE001 - whatever the reader says, the file is not a usable image
-            error = reading_error(error)
-            raise bad_request(
-                f"could not read the image ({type(error).__name__}: {str(error)[:400]}); accepted: a NIfTI (.nii, "
-                ".nii.gz) or NRRD file holding one 3D volume, or a folder holding one DICOM series"
-            ) from None
+            data = super().run_pre_transforms(data, transforms[:reading])
+        except Exception as error:  # noqa: BLE001 - sorted by `unreadable_image`
+            raise unreadable_image(error) from None
+        check_loaded_image(data[self.input_key])
+        return super().run_pre_transforms(data, transforms[reading:])
 
     def inverse_transforms(self, data=None):
         return None  # `finish` brings the outputs back to the input's geometry itself, in bounded memory
@@ -202,12 +272,9 @@ class ProGiDiffInfer(BasicInferTask):
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu"):
         params: InferParams = data["progidiff"]
         image = data[self.input_key]
-        if image.ndim != 4 or image.shape[0] != 1 or min(image.shape[1:]) < 2:
-            raise bad_request(f"a single-channel 3D image is needed; got array shape {tuple(image.shape)}")
-        if not torch.isfinite(image).all():
-            raise bad_request("the image holds NaN or infinite voxels; accepted: finite intensities (HU for CT)")
         self._check_memory(image, params)
-        modality, adapter = self.choose_adapter(params.modality, data.get("image_path", ""), image[0].numpy())
+        modality, adapter = self.choose_adapter(data[SERVED_MODEL], params.modality, data.get("image_path", ""),
+                                                image[0].numpy())
         proposals = self._proposals(data, params, adapter)
         data["progidiff_proposals"] = proposals
         voxel_ml = float(torch.as_tensor(image.pixdim[:3]).prod()) / 1000.0
@@ -217,12 +284,14 @@ class ProGiDiffInfer(BasicInferTask):
         data["progidiff_adapter"] = adapter
         return data
 
-    def choose_adapter(self, requested: str, image_path: str, volume: np.ndarray) -> tuple[tuple[str, str], str | None]:
+    @staticmethod
+    def choose_adapter(served: ServedModel, requested: str, image_path: str,
+                       volume: np.ndarray) -> tuple[tuple[str, str], str | None]:
         """The one rule for which weights a study gets (infer and scoring alike): its modality (the request's,
         else the DICOM tag, else the intensity rule) and the adapter published for it (None: the bare model)."""
         modality = resolve_modality(requested, image_path, volume)
         adapter = modality[0].lower()
-        return modality, adapter if adapter in lora.adapter_names(self.pipeline().model) else None
+        return modality, adapter if adapter in lora.adapter_names(served.pipeline.model) else None
 
     def _check_memory(self, image: MetaTensor, params: InferParams) -> None:
         """Refuse, before sampling, a request whose outputs would not fit in `max_memory_gb`.
@@ -244,10 +313,10 @@ class ProGiDiffInfer(BasicInferTask):
                 "ask for fewer organs or proposals, or crop the image"
             )
 
-    def sample(self, volume: torch.Tensor, organs: list[str], num_proposals: int, steps: int, seed: int,
-               adapter: str | None = None) -> VolumeProposals:
+    def sample(self, served: ServedModel, volume: torch.Tensor, organs: list[str], num_proposals: int, steps: int,
+               seed: int, adapter: str | None = None) -> VolumeProposals:
         """N proposals per organ for a volume in the model's frame, with `adapter` (None: the bare model)."""
-        pipeline = self.pipeline()
+        pipeline = served.pipeline
         with self._sampling_lock:  # the active adapter belongs to the shared model: one request samples at a time
             lora.activate(pipeline.model, adapter)
             return segment_volume(pipeline, volume, organs, num_proposals, steps, seed,
@@ -259,15 +328,15 @@ class ProGiDiffInfer(BasicInferTask):
         (e.g. asking for proposal k next)."""
         path = str(data.get("image_path", ""))
         stamp = os.stat(path).st_mtime_ns if path and os.path.exists(path) else None
-        key = (path, stamp, params.organs, params.num_proposals, params.steps, params.seed, adapter,
-               self.model_version())
+        served: ServedModel = data[SERVED_MODEL]
+        key = (path, stamp, params.organs, params.num_proposals, params.steps, params.seed, adapter, served.version)
         with self._lock:
             cached = self._results.get(key) if stamp is not None else None
         data["progidiff_cached"] = cached is not None
         if cached is not None:
             return cached
-        proposals = self.sample(data[self.input_key][0], list(params.organs), params.num_proposals, params.steps,
-                                params.seed, adapter)
+        proposals = self.sample(served, data[self.input_key][0], list(params.organs), params.num_proposals,
+                                params.steps, params.seed, adapter)
         if stamp is not None:
             with self._lock:
                 self._results[key] = proposals
@@ -334,7 +403,7 @@ class ProGiDiffInfer(BasicInferTask):
         # What a PACS shows of each (DICOMweb datastores send these as DICOM-SEG; 64 characters are kept). A
         # cached answer was sent with its first request: PACS series are not replaced, so it is not sent again.
         pacs = not data.get("progidiff_cached", False)
-        about = f"seed {params.seed} | model {self.short_version()} | {', '.join(params.organs)}"
+        about = f"seed {params.seed} | model {data[SERVED_MODEL].short_version} | {', '.join(params.organs)}"
         order = f"proposals run from 1, the tightest, to {n}, the most generous"
         outputs = {"consensus": (maps.consensus, {SERIES_DESCRIPTION: f"{MACHINE_SERIES}consensus of {n} | {about}",
                                                   CONTENT_DESCRIPTION: f"mean of {n} proposals at least {MASK_THRESHOLD:g}"})}
@@ -351,8 +420,4 @@ class ProGiDiffInfer(BasicInferTask):
                 nib.save(nib.Nifti1Image(array, maps.affine), path)
                 datastore.save_label(image_id, path, tag, {**info, "tag": tag, **(described if pacs else {})})
         return list(outputs)
-
-    def short_version(self) -> str:
-        """A short name of the served weights (and adapters), for people: changes with every publish."""
-        return hashlib.sha256(self.model_version().encode()).hexdigest()[:8]
 

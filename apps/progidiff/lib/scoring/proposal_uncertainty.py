@@ -63,12 +63,13 @@ class ScoringParams:
 
 def score_image(infer: Any, datastore: Datastore, image_id: str, params: ScoringParams) -> dict[str, Any]:
     """Sample proposals for one datastore image and store its disagreement score in the image info."""
-    organs = parse_prompt(params.organs, known=infer.known_organs())
+    served = infer.served()  # one model version for the whole score
+    organs = parse_prompt(params.organs, known=served.known_organs())
     path = datastore.get_image_uri(image_id)
-    volume = load_volume(path, infer.pipeline().model.config.spacing_mm).image[0]
-    (modality, _), adapter = infer.choose_adapter("auto", path, volume.numpy())  # as an infer of it would
+    volume = load_volume(path, served.pipeline.model.config.spacing_mm).image[0]
+    (modality, _), adapter = infer.choose_adapter(served, "auto", path, volume.numpy())  # as an infer of it would
     sampled = volume[:, :, :: params.slice_stride].as_tensor()
-    proposals = infer.sample(sampled, organs, params.num_proposals, params.steps, params.seed, adapter)
+    proposals = infer.sample(served, sampled, organs, params.num_proposals, params.steps, params.seed, adapter)
     entry = {
         "score": round(disagreement(proposals.probabilities), 6),
         "modality": modality,
@@ -77,7 +78,7 @@ def score_image(infer: Any, datastore: Datastore, image_id: str, params: Scoring
         "num_proposals": params.num_proposals,
         "steps": params.steps,
         "slice_stride": params.slice_stride,
-        "model_version": infer.model_version(),
+        "model_version": served.version,
         "ts": int(time.time()),
     }
     datastore.update_image_info(image_id, {SCORE_KEY: entry})

@@ -1,0 +1,108 @@
+"""The infer task in process (no server): one model version per request, even when a newer one is published
+while the request runs; a 400 only when the image is at fault, a 5xx when the server is."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from fastapi import HTTPException
+from monai import transforms as mt
+from monailabel.tasks.infer.basic_infer import CallBackTypes
+
+from conftest import save_awake_tiny_model, wake_control_branch, tiny_config
+from progidiff.io_utils import atomic_directory
+from progidiff.model import ProGiDiffModel
+from server import APP_DIR, ROOT
+
+sys.path.insert(0, str(APP_DIR))
+from lib.configs.progidiff import AppSettings  # noqa: E402
+from lib.infers.progidiff import ProGiDiffInfer  # noqa: E402
+
+IMAGE = ROOT / "sample-datasets" / "ct" / "phantom_000.nii.gz"
+REQUEST = {"image": str(IMAGE), "prompt": "liver, spleen", "num_proposals": 2, "steps": 1, "device": "cpu"}
+
+
+def infer_task(model_dir: Path) -> ProGiDiffInfer:
+    settings = AppSettings.from_conf({"model_path": str(model_dir), "device": "cpu"}, model_dir)
+    return ProGiDiffInfer(model_dir, settings)
+
+
+def publish_other_weights(model_dir: Path) -> None:
+    """What a training run's publish does: a whole new folder renamed into place."""
+    torch.manual_seed(7)
+    model = ProGiDiffModel.from_config(tiny_config())
+    wake_control_branch(model, scale=0.6)
+    with atomic_directory(model_dir) as new:
+        model.save_pretrained(new)
+
+
+def label_of(task: ProGiDiffInfer, callbacks: dict | None = None) -> tuple[np.ndarray, dict]:
+    path, result = task(dict(REQUEST), callbacks)
+    return np.asarray(nib.load(path).dataobj), result
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of voxels with the same label (not bit for bit: a voxel on the threshold may go either way)."""
+    return float((a == b).mean())
+
+
+def test_a_publish_during_a_request_changes_neither_its_answer_nor_what_is_cached_under_its_version(tmp_path):
+    first = save_awake_tiny_model(tmp_path / "first")
+    v1_label, _ = label_of(infer_task(first))
+    second = save_awake_tiny_model(tmp_path / "second")
+    publish_other_weights(second)
+    v2_label, _ = label_of(infer_task(second))
+    assert agreement(v1_label, v2_label) < 0.9  # the two versions answer differently
+
+    served = save_awake_tiny_model(tmp_path / "served")
+    task = infer_task(served)
+
+    def publish_after_loading(data):  # a training run publishes while the request is under way
+        publish_other_weights(served)
+        return data
+
+    during, result = label_of(task, {CallBackTypes.PRE_TRANSFORMS: publish_after_loading})
+    assert agreement(during, v1_label) > 0.999  # the version the request started with, throughout
+    after, result = label_of(task)
+    assert not result["cached"]  # the v1 answer was not filed as v2's
+    assert agreement(after, v2_label) > 0.999
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> ProGiDiffInfer:
+    return infer_task(save_awake_tiny_model(tmp_path_factory.mktemp("model")))
+
+
+def test_an_image_without_a_sound_geometry_is_the_requests_fault(task, tmp_path):
+    collinear = np.diag([1.5, 1.5, 3.0, 1.0])
+    collinear[:3, 1] = collinear[:3, 0]  # two axes point the same way: no voxel-to-world mapping
+    path = tmp_path / "collinear.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((40, 40, 20), np.int16), collinear), path)
+    with pytest.raises(HTTPException) as refused:
+        task({**REQUEST, "image": str(path)})
+    assert refused.value.status_code == 400 and "affine" in refused.value.detail
+
+
+def test_running_out_of_memory_while_reading_is_the_servers_fault(task, monkeypatch):
+    def out_of_memory(self, data):
+        raise MemoryError()
+
+    monkeypatch.setattr(mt.LoadImaged, "__call__", out_of_memory)
+    with pytest.raises(HTTPException) as refused:
+        task(dict(REQUEST))
+    assert refused.value.status_code == 503 and "memory" in refused.value.detail
+
+
+def test_a_failure_after_the_image_was_read_and_checked_is_no_400(task, monkeypatch):
+    def broken(self, data):
+        raise TypeError("a bug in resampling")
+
+    monkeypatch.setattr(mt.Spacingd, "__call__", broken)
+    with pytest.raises(Exception) as failed:  # the server answers 500 and logs the traceback
+        task(dict(REQUEST))
+    assert not isinstance(failed.value, HTTPException)
