@@ -4,9 +4,11 @@ Families: infer `params` (not JSON, wrong types, out of range, MONAI Label's own
 (traversal, encodings, absolute paths, viewers' names), crafted files sent as an infer upload, an image
 upload and a label (decompression bombs and lying headers, truncated, random bytes, 2D/4D, NaN, implausible
 voxels), labels that are no label maps, scoring / active-learning / training options, unknown things, and
-concurrent valid infers beside all that. Prints and saves counts: answers 4xx with a message, 5xx, hangs
-(no answer in 60 s), server crashes, data lost (fingerprint of every image and label that was there before),
-junk accepted (2xx for a request that should have been refused), peak RSS of the server's process tree.
+concurrent valid infers beside all that; then kills during writes (label saves and image removals from two
+clients, the server SIGKILLed at a random moment, restarted, held to what it acknowledged). Prints and saves
+counts: answers 4xx with a message, 5xx, hangs (no answer in 60 s), server crashes, data lost (fingerprint of
+every image and label that was there before; acknowledged saves or removals a restart lost), junk accepted
+(2xx for a request that should have been refused), peak RSS of the server's process tree.
 
     .venv/bin/python bench/fuzz.py --out bench/results/fuzz.json
 
@@ -36,7 +38,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from server import Server, copy_studies  # noqa: E402  (the tests' real-server launcher)
+from server import Server, WritesUntilKilled, copy_studies  # noqa: E402  (the tests' real-server launcher)
 
 SAMPLE = ROOT / "sample-datasets" / "ct"
 HANG_SECONDS = 60
@@ -206,11 +208,32 @@ def describe(kwargs: dict) -> str:
     return f"{json.dumps(kwargs.get('params'))} {json.dumps(kwargs.get('json')) if 'json' in kwargs else field}"[:240]
 
 
+def kills_during_writes(studies: Path, conf: dict, work: Path, rounds: int, rng: random.Random) -> dict:
+    """Rounds of label saves and removals cut by a SIGKILL; each restart is held to what was acknowledged."""
+    final = SAMPLE / "labels" / "final" / "phantom_000.nii.gz"
+    reference = nib.load(final)
+    labels = [final.read_bytes(), nifti(np.zeros(reference.shape, np.uint8), reference.affine)]
+    saved = removed = 0
+    lost: list[str] = []
+    for r in range(rounds):
+        extras = [f"kill_{r}_{k}" for k in range(2)]
+        for extra in extras:
+            (studies / f"{extra}.nii.gz").write_bytes((SAMPLE / "phantom_001.nii.gz").read_bytes())
+        with Server(studies, conf, work) as server:
+            writes = WritesUntilKilled(server, "phantom_000", labels, extras)
+            writes.run(kill_after=rng.uniform(1.0, 6.0))
+        with Server(studies, conf, work) as restarted:
+            lost += writes.lost_after_restart(restarted)
+        saved, removed = saved + len(writes.saved), removed + len(writes.removed)
+    return {"rounds": rounds, "acknowledged_saves": saved, "acknowledged_removals": removed, "lost": lost}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--max-memory-gb", type=float, default=4.0)
+    parser.add_argument("--kill-rounds", type=int, default=3, help="server kills during writes, after the requests")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fuzz.json")
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -232,7 +255,8 @@ def main() -> None:
             alive = not crashed and requests.get(f"{server.url}/info/", timeout=30).status_code == 200
             rss.running = False
             after = fingerprint(studies)
-    lost = sorted(k for k, v in before.items() if after.get(k) != v)
+        kills = kills_during_writes(studies, conf, work, args.kill_rounds, rng)
+    lost = sorted(k for k, v in before.items() if after.get(k) != v) + kills["lost"]
     answered = [r for r in results if isinstance(r["status"], int)]
     report = {
         "cases": len(results), "wall_seconds": round(time.time() - started, 1), "workers": args.workers,
@@ -245,6 +269,7 @@ def main() -> None:
         "crashes": int(crashed), "server_alive_after": alive,
         "junk_accepted": sum(r["expect"] == "refused" and isinstance(r["status"], int) and r["status"] < 300 for r in results),
         "data_lost": lost, "peak_rss_gb": round(rss.peak / 2**30, 2),
+        "kills_during_writes": {k: v for k, v in kills.items() if k != "lost"},
         "by_family": {f: {"cases": sum(r["family"] == f for r in results),
                           "5xx": sum(r["family"] == f and isinstance(r["status"], int) and r["status"] >= 500 for r in results)}
                       for f in sorted({r["family"] for r in results})},

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -93,3 +95,61 @@ class Server:
 def copy_studies(source: Path, target: Path) -> Path:
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock"))
     return target
+
+
+class WritesUntilKilled:
+    """Label saves and image removals sent from `threads` clients until the server is SIGKILLed, as a crash
+    would stop them; remembers which were acknowledged, so a restarted server can be held to them."""
+
+    def __init__(self, server: Server, image_id: str, labels: list[bytes], removable: list[str], threads: int = 2):
+        self.server, self.image_id, self.labels, self.removable = server, image_id, labels, list(removable)
+        self.threads = threads
+        self.saved: dict[str, str] = {}  # tag → SHA-256 of the label whose save was acknowledged (200)
+        self.removed: list[str] = []  # ids whose removal was acknowledged
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def run(self, kill_after: float) -> None:
+        workers = [threading.Thread(target=self._write, daemon=True) for _ in range(self.threads)]
+        for worker in workers:
+            worker.start()
+        time.sleep(kill_after)
+        self.server.kill()
+        for worker in workers:
+            worker.join(timeout=60)
+
+    def _write(self) -> None:
+        while True:
+            with self._lock:
+                i, self._count = self._count, self._count + 1
+                remove = self.removable.pop() if self.removable and i % 5 == 4 else None
+            try:
+                if remove:
+                    response = requests.delete(f"{self.server.url}/datastore/", params={"id": remove}, timeout=60)
+                else:
+                    content = self.labels[i % len(self.labels)]
+                    tag = f"kill_{self.server.port}_{i}"
+                    response = requests.put(f"{self.server.url}/datastore/label", timeout=60,
+                                            params={"image": self.image_id, "tag": tag},
+                                            files={"label": (f"{self.image_id}.nii.gz", content)})
+            except requests.RequestException:
+                return  # the server is gone
+            if response.status_code == 200:
+                with self._lock:
+                    if remove:
+                        self.removed.append(remove)
+                    else:
+                        self.saved[tag] = hashlib.sha256(content).hexdigest()
+
+    def lost_after_restart(self, restarted: Server) -> list[str]:
+        """What a restarted server no longer has of what was acknowledged: a label missing or not the bytes sent,
+        a removed image back."""
+        listing = requests.get(f"{restarted.url}/datastore/", params={"output": "all"}, timeout=60).json()
+        objects = listing.get("objects", listing)
+        lost = [f"image {i} is back after its removal" for i in self.removed if i in objects]
+        for tag, digest in self.saved.items():
+            response = requests.get(f"{restarted.url}/datastore/label", params={"label": self.image_id, "tag": tag},
+                                    timeout=60)
+            if response.status_code != 200 or hashlib.sha256(response.content).hexdigest() != digest:
+                lost.append(f"label {tag} ({response.status_code})")
+        return lost

@@ -21,7 +21,7 @@ from conftest import save_awake_tiny_model, tiny_config, weights_digest
 from progidiff.dicom_series import write_series
 from progidiff import lora
 from progidiff.model import ProGiDiffModel
-from server import ROOT, Server, copy_studies
+from server import ROOT, Server, WritesUntilKilled, copy_studies
 
 pytestmark = pytest.mark.server  # starts the real MONAI Label server
 
@@ -265,6 +265,25 @@ def test_server_killed_during_training_restarts_on_the_last_published_model_and_
     assert digest() != first  # what is served is the model this run published, not the one it started from
 
 
+def test_acknowledged_label_saves_and_removals_survive_a_server_killed_mid_write(tmp_path):
+    """Two clients save labels and remove images while the server is SIGKILLed; the restarted server has every
+    acknowledged label byte for byte, no removed image, and a readable index."""
+    studies = copy_studies(SAMPLE, tmp_path / "studies")
+    for k in range(3):  # images to remove
+        shutil.copy(SAMPLE / "phantom_001.nii.gz", studies / f"extra_{k}.nii.gz")
+    final = SAMPLE / "labels" / "final" / "phantom_000.nii.gz"
+    reference = nib.load(final)
+    nib.save(nib.Nifti1Image(np.zeros(reference.shape, np.uint8), reference.affine), tmp_path / "cleared.nii.gz")
+    labels = [final.read_bytes(), (tmp_path / "cleared.nii.gz").read_bytes()]
+    conf = {"model_path": str(save_awake_tiny_model(tmp_path / "model"))}
+    with Server(studies, conf, tmp_path) as server:
+        writes = WritesUntilKilled(server, "phantom_000", labels, [f"extra_{k}" for k in range(3)])
+        writes.run(kill_after=4.0)
+    assert len(writes.saved) >= 3 and writes.removed, "the clients did not get going before the kill"
+    with Server(studies, conf, tmp_path) as restarted:
+        assert writes.lost_after_restart(restarted) == []
+
+
 @pytest.mark.parametrize("path, body, status, fragment", [
     ("/scoring/proposal_uncertainty", {"steps": 1000}, 400, "'steps' must be an integer from 1 to 200"),
     ("/scoring/proposal_uncertainty", {"num_proposals": 1}, 400, "'num_proposals' must be an integer from 2"),
@@ -374,15 +393,16 @@ def test_monai_label_options_in_other_types_are_taken_as_meant(server, options):
     assert response.status_code == 200, response.text
 
 
-@pytest.mark.parametrize("body, fragment", [
-    ({"val_split": 7}, "'val_split' must be a number from 0 to 0.9"),
-    ({"max_epochs": -1}, "'max_epochs' must be an integer from 1"),
-    ({"max_epochs": 2.5}, "'max_epochs' must be an integer"),
-    ({"learning_rate": "abc"}, "'learning_rate' must be a number"),
-    ({"name": "../x"}, "run name"),
+@pytest.mark.parametrize("task, body, fragment", [
+    ("progidiff", {"val_split": 7}, "'val_split' must be a number from 0 to 0.9"),
+    ("progidiff", {"max_epochs": -1}, "'max_epochs' must be an integer from 1"),
+    ("progidiff", {"max_epochs": 2.5}, "'max_epochs' must be an integer"),
+    ("progidiff", {"learning_rate": "abc"}, "'learning_rate' must be a number"),
+    ("progidiff", {"name": "../x"}, "run name"),
+    ("progidiff_mr_lora", {"base_attention": "maybe"}, "'base_attention' must be true or false"),
 ])
-def test_train_options_are_checked_before_a_run_starts(server, body, fragment):
-    response = requests.post(f"{server.url}/train/progidiff", json=body, timeout=60)
+def test_train_options_are_checked_before_a_run_starts(server, task, body, fragment):
+    response = requests.post(f"{server.url}/train/{task}", json=body, timeout=60)
     assert response.status_code == 400, response.text
     assert fragment in response.json()["detail"]
     assert requests.get(f"{server.url}/train/", timeout=30).json().get("status") != "RUNNING"

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fastapi import HTTPException
 from monai.transforms import LoadImage
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import Context
+from monailabel.utils.others.generic import strtobool
 
 from lib.trainers.progidiff import ProGiDiffTrain
 from progidiff import lora
@@ -27,10 +29,6 @@ from progidiff.training import DiffusionTrainer
 logger = logging.getLogger(__name__)
 
 SERVED = "served"  # name under which the published adapter is loaded to validate it before a run
-
-
-def _flag(value: Any) -> bool:
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
 
 
 class ProGiDiffLoraTrain(ProGiDiffTrain):
@@ -54,10 +52,19 @@ class ProGiDiffLoraTrain(ProGiDiffTrain):
         request = context.request
         self.lora_settings = lora.LoraSettings(rank=int(request["rank"]), alpha=float(request["alpha"]),
                                                dropout=float(request["dropout"]),
-                                               base_attention=_flag(request["base_attention"]))
+                                               base_attention=strtobool(request["base_attention"]))
         model = ProGiDiffModel.from_pretrained(self.model_path)
         lora.add_adapter(model, self.modality.lower(), self.lora_settings)
         return model
+
+    def check_request(self, params: dict[str, Any]) -> None:
+        super().check_request(params)
+        if "base_attention" in params:
+            try:
+                strtobool(params["base_attention"])
+            except (AttributeError, TypeError, ValueError):
+                raise HTTPException(400, "train option 'base_attention' must be true or false; got "
+                                         f"{params['base_attention']!r}"[:300]) from None
 
     def pre_process(self, request: dict, datastore: Datastore) -> list[dict]:
         """Only the labelled images of this task's modality (DICOM tag, else the intensity rule)."""
