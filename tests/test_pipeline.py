@@ -4,7 +4,7 @@ import torch
 from conftest import assert_same_proposals, tiny_config, wake_control_branch
 from progidiff.model import ProGiDiffModel, prior_offsets
 from progidiff.pipeline import ProGiDiffPipeline
-from progidiff.volume import segment_volume, slices_to_sample
+from progidiff.volume import scan_features, segment_volume, slices_to_sample
 
 
 @pytest.fixture
@@ -45,12 +45,40 @@ def test_proposals_do_not_depend_on_batching(small_model, minilm, scheduler):
     assert torch.allclose(together[:, 2, 0], alone[:, 0, 0], atol=1e-5)
 
 
-def test_a_proposal_starts_from_the_same_noise_on_every_slice(pipeline):
-    """Proposal k is one 3D answer: its starting noise is shared by all slices, not drawn per slice."""
+@pytest.mark.parametrize("noise", ["shared", "independent"])
+def test_a_proposal_starts_from_the_same_noise_on_every_slice(small_model, minilm, noise):
+    """Proposal k is one 3D answer: its starting noise is shared by all slices, not drawn per slice; with shared
+    noise every proposal of an organ starts from it, else each proposal has its own."""
+    pipeline = ProGiDiffPipeline(small_model, minilm, show_progress=False, proposal_noise=noise)
     latents = pipeline.prepare_latents(3, 4, ["liver", "spleen"], seed=5).view(3, 4, 2, -1)
     assert torch.equal(latents[:, 0], latents[:, 3])  # same noise on slices 0 and 3
-    assert not torch.equal(latents[0], latents[1])  # another proposal, other noise
+    assert torch.equal(latents[0], latents[1]) == (noise == "shared")  # another proposal
     assert not torch.equal(latents[:, :, 0], latents[:, :, 1])  # another organ, other noise
+
+
+def test_shared_noise_runs_the_network_once_for_all_proposals_with_the_same_result(pipeline):
+    """The first step's inputs repeat proposal 0's: one pass on B·P items plus each proposal's prior offset is
+    what the network gives on all N·B·P items."""
+    assert pipeline.shares_noise
+    n, slices, organs = 3, _slices(2), ["liver", "spleen"]
+    model = pipeline.model
+    features = pipeline.encode_slices(slices).repeat_interleave(2, dim=0).repeat(n, 1, 1, 1)
+    latents = pipeline.prepare_latents(n, 2, organs, seed=0)
+    text = pipeline.encode_prompt(organs).repeat(n * 2, 1, 1)
+    organ_index = torch.tensor([0, 1]).repeat(n * 2)  # liver, spleen: schema values 1 and 2
+    offsets = pipeline.prepare_prior_offsets(n, 2, 2)
+    t = torch.full((latents.shape[0],), 999)
+    with torch.inference_mode():
+        everyone = model(latents, t, text, None, organ_index, features=features, prior_offset=offsets)
+        once = pipeline.predict_once_for_all_proposals(latents, t, text, features, organ_index, offsets, n)
+    torch.testing.assert_close(once, everyone, atol=1e-5, rtol=0)
+
+    batches = []
+    hook = model.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
+    areas = pipeline(slices, organs, num_proposals=n, steps=1, seed=0).probabilities.sum(dim=(1, 3, 4))
+    hook.remove()
+    assert batches == [2 * 2]  # one pass over slices × organs, not × proposals
+    assert (areas[0] < areas[1]).all() and (areas[1] < areas[2]).all()  # still tight to generous
 
 
 def test_a_stochastic_sampler_adds_the_same_noise_on_every_slice(small_model, minilm):
@@ -116,7 +144,7 @@ def test_screening_samples_only_slices_that_can_hold_the_organ(pipeline, monkeyp
     everything = segment_volume(pipeline, volume, ["liver"], num_proposals=2, steps=2, seed=1)
     # The scan encoder sees the liver on slices 3 and 4 only: 2..5 are sampled (one neighbour each way).
     presence = torch.tensor([0.0, 0.0, 0.01, 0.9, 0.6, 0.0, 0.0, 0.0])[:, None]
-    monkeypatch.setattr(pipeline, "organ_presence", lambda images, organs: presence[: images.shape[0]])
+    monkeypatch.setattr(pipeline, "organ_presence", lambda features, organs: presence[: features.shape[0]])
     screened = segment_volume(pipeline, volume, ["liver"], num_proposals=2, steps=2, seed=1, screen_threshold=0.05)
     sampled = [2, 3, 4, 5]
     # Same noise, same slices: the same proposals (float16 storage: within its rounding).
@@ -131,7 +159,7 @@ def test_each_organ_is_sampled_only_where_it_can_be(pipeline, monkeypatch):
     # Liver seen on slice 1, spleen on slice 6: each is sampled on its own slices ± 1 only.
     presence = torch.zeros(8, 2)
     presence[1, 0], presence[6, 1] = 0.7, 0.4
-    monkeypatch.setattr(pipeline, "organ_presence", lambda images, organs: presence[: images.shape[0]])
+    monkeypatch.setattr(pipeline, "organ_presence", lambda features, organs: presence[: features.shape[0]])
     calls = []
     sample = pipeline.__call__
     monkeypatch.setattr(type(pipeline), "__call__", lambda self, *a, **k: calls.append(a[1]) or sample(*a, **k))
@@ -151,7 +179,7 @@ def test_screening_with_the_real_organ_read_out(pipeline):
     head = pipeline.model.scan_encoder.organ_head
     with torch.no_grad():
         head.bias.fill_(-30.0)  # sure that no organ is anywhere: nothing to sample
-    assert slices_to_sample(pipeline, volume.permute(2, 0, 1)[:, None], ["liver"], threshold=0.05) == {"liver": []}
+    assert slices_to_sample(pipeline, scan_features(pipeline, volume), ["liver"], threshold=0.05) == {"liver": []}
     with torch.no_grad():
         head.bias.fill_(30.0)  # sure that every organ is everywhere: every slice
-    assert slices_to_sample(pipeline, volume.permute(2, 0, 1)[:, None], ["liver"], threshold=0.05) == {"liver": [0, 1, 2, 3]}
+    assert slices_to_sample(pipeline, scan_features(pipeline, volume), ["liver"], threshold=0.05) == {"liver": [0, 1, 2, 3]}

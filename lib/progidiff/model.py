@@ -230,6 +230,15 @@ class ProGiDiffModel(nn.Module):
         """
         if features is None:
             features = self.scan_encoder.features(image)  # once, for the branch and the organ read-out
+        prediction, logits = self.steered_prediction(noisy, timesteps, text_embeddings, features, conditioning_scale)
+        if self.uses_organ_prior:
+            prediction = self.add_organ_prior(prediction, self.organ_prior(logits, organ_index), prior_offset)
+        return (prediction, logits) if return_organ_logits else prediction
+
+    def steered_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, text_embeddings: torch.Tensor,
+                           features: torch.Tensor, conditioning_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base's prediction steered by the branch, before any organ prior, and every organ's logits: what
+        proposals that start from the same noise share (they differ only in the prior's offset)."""
         down, mid = self.controlnet(
             noisy,
             timesteps,
@@ -245,16 +254,23 @@ class ProGiDiffModel(nn.Module):
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
         ).sample
-        logits = self.scan_encoder.organ_logits(features)
-        if self.uses_organ_prior:
-            if organ_index is None:
-                raise ValueError("this model adds an organ prior: pass organ_index (schema value - 1) per batch item")
-            index = organ_index.to(logits.device).view(-1, 1, 1, 1).expand(-1, 1, *logits.shape[-2:])
-            prior = logits.gather(1, index)
-            if prior_offset is not None:
-                prior = prior + prior_offset.to(prior).view(-1, 1, 1, 1)
-            prediction = prediction + torch.tanh(prior / 2).to(prediction.dtype)  # 2·sigmoid − 1
-        return (prediction, logits) if return_organ_logits else prediction
+        return prediction, self.scan_encoder.organ_logits(features)
+
+    @staticmethod
+    def organ_prior(logits: torch.Tensor, organ_index: torch.Tensor | None) -> torch.Tensor:
+        """The prompted organ's read-out [B, 1, h, w] out of every organ's logits (`organ_index` per batch item)."""
+        if organ_index is None:
+            raise ValueError("this model adds an organ prior: pass organ_index (schema value - 1) per batch item")
+        index = organ_index.to(logits.device).view(-1, 1, 1, 1).expand(-1, 1, *logits.shape[-2:])
+        return logits.gather(1, index)
+
+    @staticmethod
+    def add_organ_prior(prediction: torch.Tensor, prior: torch.Tensor,
+                        prior_offset: torch.Tensor | None = None) -> torch.Tensor:
+        """`prediction` plus the organ's read-out (offset per batch item), as 2·sigmoid − 1."""
+        if prior_offset is not None:
+            prior = prior + prior_offset.to(prior).view(-1, 1, 1, 1)
+        return prediction + torch.tanh(prior / 2).to(prediction.dtype)
 
     # ---- masks <-> the denoised space ----------------------------------------------------------
     def encode_mask(self, mask: torch.Tensor) -> torch.Tensor:

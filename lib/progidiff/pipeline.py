@@ -16,6 +16,11 @@ chunked and of the other organs asked for with it.
 With a model that adds an organ prior, proposal k also reads that prior at its own confidence level
 (`model.prior_offsets`, `spread`): proposals then run from the tightest to the most generous
 boundary the model finds plausible, and differ where the organ's edge is uncertain.
+
+`proposal_noise="shared"` (with such a prior): every proposal of an organ starts from the same noise and
+differs only in its prior offset.  The first denoising step is then the same network pass for all N
+proposals and runs once (`predict_once_for_all_proposals`); with one step, N proposals cost one.
+"independent" gives each proposal its own noise (N passes at every step).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 MAX_STEPS = 1000
 MAX_SPREAD = 20.0  # organ-prior logits; σ(±20) is certainty, nothing lies beyond
+PROPOSAL_NOISE = ("shared", "independent")
 
 
 @dataclass
@@ -89,8 +95,10 @@ class ProGiDiffPipeline:
         precision: str = "auto",
         show_progress: bool = True,
         spread: float | None = None,
+        proposal_noise: str = "shared",
     ):
-        """`spread`: the proposals' organ-prior logit range (None: the model's `proposal_spread`)."""
+        """`spread`: the proposals' organ-prior logit range (None: the model's `proposal_spread`);
+        `proposal_noise`: "shared" or "independent" starting noise across an organ's proposals (see above)."""
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
         self.prompt_encoder = prompt_encoder
@@ -98,6 +106,10 @@ class ProGiDiffPipeline:
         self.autocast = autocast_dtype(self.device, precision)
         self.show_progress = show_progress
         self.spread = self._check_spread(model, spread)
+        if proposal_noise not in PROPOSAL_NOISE:
+            raise ValueError(f"proposal_noise must be one of {', '.join(PROPOSAL_NOISE)}; got {proposal_noise!r}")
+        # Shared noise only where the prior offsets still tell the proposals apart.
+        self.shares_noise = proposal_noise == "shared" and self.spread > 0
         make_sampler(scheduler, model.scheduler_config)  # fail now on a bad name, not mid-request
         if prompt_encoder.hidden_size != model.unet.config.cross_attention_dim:
             raise ValueError(
@@ -157,11 +169,12 @@ class ProGiDiffPipeline:
 
     def prepare_latents(self, num_proposals: int, num_slices: int, organs: list[str], seed: int) -> torch.Tensor:
         """Starting noise [N·B·P, C, h, w], ordered proposal-major, then slice, then organ; one noise map
-        per (proposal, organ), repeated on every slice."""
+        per (proposal, organ), repeated on every slice (with shared noise, proposal 0's for every proposal)."""
         size, channels = self.model.working_size, self.model.mask_channels
         noise = torch.stack([
             torch.stack([
-                torch.randn(channels, size, size, generator=torch.Generator().manual_seed(proposal_seed(seed, k, organ)))
+                torch.randn(channels, size, size, generator=torch.Generator().manual_seed(
+                    proposal_seed(seed, 0 if self.shares_noise else k, organ)))
                 for organ in organs
             ])
             for k in range(num_proposals)
@@ -192,18 +205,34 @@ class ProGiDiffPipeline:
         steps: int,
         generators: list[torch.Generator],
         offsets: torch.Tensor,
+        num_proposals: int,
     ) -> torch.Tensor:
         scheduler = make_sampler(self.scheduler_name, self.model.scheduler_config)
         scheduler.set_timesteps(steps, device=self.device)
         latents = latents * scheduler.init_noise_sigma
-        for t in tqdm(scheduler.timesteps, desc="denoising", disable=not self.show_progress, leave=False):
+        for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not self.show_progress, leave=False)):
             model_input = scheduler.scale_model_input(latents, t)
             timesteps = t.expand(latents.shape[0]).to(self.device)
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                prediction = self.model(model_input, timesteps, text, None, organ_index, features=features,
-                                        prior_offset=offsets)
+                if i == 0 and self.shares_noise:  # every proposal's input is the same: one pass for all
+                    prediction = self.predict_once_for_all_proposals(model_input, timesteps, text, features,
+                                                                     organ_index, offsets, num_proposals)
+                else:
+                    prediction = self.model(model_input, timesteps, text, None, organ_index, features=features,
+                                            prior_offset=offsets)
             latents = scheduler.step(prediction.float(), t, latents, generator=generators).prev_sample
         return latents
+
+    def predict_once_for_all_proposals(self, model_input: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
+                                       features: torch.Tensor, organ_index: torch.Tensor, offsets: torch.Tensor,
+                                       num_proposals: int) -> torch.Tensor:
+        """The model's prediction for inputs that repeat proposal 0's (batch order: proposal, slice, organ):
+        the network runs on proposal 0's items, each proposal adds the organ prior at its own offset."""
+        m = model_input.shape[0] // num_proposals
+        shared, logits = self.model.steered_prediction(model_input[:m], timesteps[:m], text[:m], features[:m])
+        prior = self.model.organ_prior(logits, organ_index[:m])
+        return self.model.add_organ_prior(shared.repeat(num_proposals, 1, 1, 1), prior.repeat(num_proposals, 1, 1, 1),
+                                          offsets)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
@@ -215,12 +244,17 @@ class ProGiDiffPipeline:
         return self.model.uses_organ_prior
 
     @torch.inference_mode()
-    def organ_presence(self, images: torch.Tensor, organs: list[str]) -> torch.Tensor:
-        """[B, P]: the scan encoder's highest probability of each organ on each slice — one deterministic
-        pass, a small fraction of one sampling step, to skip slices that cannot hold the organ."""
-        encoder = self.model.scan_encoder
+    def encode_slices(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 1, H, W] slices → the scan encoder's features (what screening and sampling both read): a caller
+        that samples the same slices again (another organ, another request) computes them once."""
+        return self.encode_scan(self.prepare_condition(images))
+
+    @torch.inference_mode()
+    def organ_presence(self, features: torch.Tensor, organs: list[str]) -> torch.Tensor:
+        """[B, P]: the scan encoder's highest probability of each organ on each slice (from `encode_slices`'
+        features) — a small fraction of one sampling step, to skip slices that cannot hold the organ."""
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            logits = encoder.organ_logits(encoder.features(self.prepare_condition(images)))
+            logits = self.model.scan_encoder.organ_logits(features.to(self.device))
         index = torch.tensor([ORGAN_IDS[o] - 1 for o in organs], device=logits.device)
         return logits[:, index].float().sigmoid().amax(dim=(2, 3)).cpu()
 
@@ -233,13 +267,15 @@ class ProGiDiffPipeline:
         num_proposals: int = 5,
         steps: int = 10,
         seed: int = 0,
+        features: torch.Tensor | None = None,
     ) -> ProposalOutput:
-        """Sample `num_proposals` masks per slice and organ; probabilities come back at the slices' size."""
+        """Sample `num_proposals` masks per slice and organ; probabilities come back at the slices' size.
+        `features`: the slices' `encode_slices` computed before (else computed here)."""
         self.check_inputs(images, organs, num_proposals, steps)
         b, p, n = images.shape[0], len(organs), num_proposals
 
         text = self.encode_prompt(organs)  # [P, L, D]
-        features = self.encode_scan(self.prepare_condition(images))  # [B, C, h, w]
+        features = self.encode_slices(images) if features is None else features.to(self.device)  # [B, C, h, w]
         latents = self.prepare_latents(n, b, organs, seed)  # [N·B·P, C, h, w]
         generators = self.prepare_step_generators(n, b, organs, seed)
         offsets = self.prepare_prior_offsets(n, b, p)
@@ -248,7 +284,7 @@ class ProGiDiffPipeline:
         text = text.repeat(n * b, 1, 1)
         features = features.repeat_interleave(p, dim=0).repeat(n, 1, 1, 1)
         organ_index = torch.tensor([ORGAN_IDS[o] - 1 for o in organs], device=self.device).repeat(n * b)
-        latents = self.denoise(latents, text, features, organ_index, steps, generators, offsets)
+        latents = self.denoise(latents, text, features, organ_index, steps, generators, offsets, n)
 
         probabilities = self.decode(latents)  # [N·B·P, 1, S, S]
         probabilities = from_square(probabilities, images.shape[2], images.shape[3])

@@ -66,6 +66,7 @@ class VolumeProposals:
     steps: int
     seconds: float
     spread: float = 0.0  # organ-prior logit range the proposals were sampled over (pipeline.spread)
+    encode_seconds: float = 0.0  # of `seconds`: computing the scan encoder's features (0 when they were given)
 
     @property
     def num_proposals(self) -> int:
@@ -75,14 +76,30 @@ class VolumeProposals:
         return self.probabilities[:, p].float()
 
 
-def slices_to_sample(pipeline: ProGiDiffPipeline, slices: torch.Tensor, organs: list[str], threshold: float,
+def scan_features(pipeline: ProGiDiffPipeline, volume: torch.Tensor | np.ndarray, batch: int = 32) -> torch.Tensor:
+    """The scan encoder's features of every axial slice of `volume` [X, Y, Z] ([Z, C, h, w], CPU): computed
+    once, read by screening and by every organ's sampling (and cached by the app across requests)."""
+    slices = axial_slices(volume)
+    return torch.cat([pipeline.encode_slices(slices[i : i + batch]).cpu() for i in range(0, slices.shape[0], batch)])
+
+
+def axial_slices(volume: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """[X, Y, Z] → [Z, 1, X, Y] float32."""
+    volume = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
+    if volume.ndim != 3:
+        raise ValueError(f"a 3D volume [X, Y, Z] is needed; got shape {tuple(volume.shape)}")
+    return volume.permute(2, 0, 1)[:, None]
+
+
+def slices_to_sample(pipeline: ProGiDiffPipeline, features: torch.Tensor, organs: list[str], threshold: float,
                      margin: int = 1, batch: int = 32) -> dict[str, list[int]]:
-    """Per organ, the indices of the slices where the scan encoder sees it (probability ≥ `threshold`),
-    widened by `margin` slices each way; every slice when the model cannot screen (threshold ≤ 0)."""
-    z = slices.shape[0]
+    """Per organ, the indices of the slices where the scan encoder sees it (probability ≥ `threshold`, from
+    the slices' `scan_features`), widened by `margin` slices each way; every slice when the model cannot
+    screen (threshold ≤ 0)."""
+    z = features.shape[0]
     if threshold <= 0 or not pipeline.can_screen:
         return {organ: list(range(z)) for organ in organs}
-    presence = torch.cat([pipeline.organ_presence(slices[i : i + batch], organs) for i in range(0, z, batch)])
+    presence = torch.cat([pipeline.organ_presence(features[i : i + batch], organs) for i in range(0, z, batch)])
     hit = presence >= threshold  # [Z, P]
     widened = hit.clone()
     for shift in range(1, margin + 1):
@@ -109,21 +126,23 @@ def segment_volume(
     slice_batch: int = 8,
     progress: Callable[[int, int], None] | None = None,
     screen_threshold: float = 0.0,
+    features: torch.Tensor | None = None,
 ) -> VolumeProposals:
     """`volume` [X, Y, Z] (RAS, model spacing) → N proposals per organ for every axial slice.
 
     With `screen_threshold` > 0, an organ is sampled only on the slices where the scan encoder sees it
     (and their neighbours); elsewhere it is background in every proposal.  A sampled slice's proposals
     are the same either way (its noise depends on the seed, the proposal and the organ only).
+    `features`: the volume's `scan_features` computed before (e.g. by an earlier request); else computed here.
     """
     start = time.time()
-    volume = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
-    if volume.ndim != 3:
-        raise ValueError(f"a 3D volume [X, Y, Z] is needed; got shape {tuple(volume.shape)}")
-    x, y, z = volume.shape
+    slices = axial_slices(volume)  # [Z, 1, X, Y]
+    z, x, y = slices.shape[0], slices.shape[2], slices.shape[3]
+    if features is None:
+        features = scan_features(pipeline, volume)
+    encoded = time.time()
     probabilities = torch.zeros(num_proposals, len(organs), x, y, z, dtype=torch.float16)
-    slices = volume.permute(2, 0, 1)[:, None]  # [Z, 1, X, Y]
-    wanted = slices_to_sample(pipeline, slices, organs, screen_threshold)
+    wanted = slices_to_sample(pipeline, features, organs, screen_threshold)
     total, done = sum(len(v) for v in wanted.values()), 0
     if total < z * len(organs):
         logger.info("screening: %s", ", ".join(f"{o} {len(v)}/{z} slices" for o, v in wanted.items()))
@@ -131,7 +150,7 @@ def segment_volume(
         channels = [organs.index(o) for o in group]
         for first in range(0, len(indices), slice_batch):
             chunk = list(indices[first : first + slice_batch])
-            out = pipeline(slices[chunk], group, num_proposals, steps, seed)
+            out = pipeline(slices[chunk], group, num_proposals, steps, seed, features=features[chunk])
             for j, channel in enumerate(channels):
                 probabilities[:, channel, ..., chunk] = out.probabilities[:, :, j].permute(0, 2, 3, 1).to(torch.float16)
             done += len(chunk) * len(group)
@@ -139,7 +158,8 @@ def segment_volume(
                         num_proposals, time.time() - start)
             if progress is not None:
                 progress(done, total)
-    return VolumeProposals(organs, probabilities, seed, steps, time.time() - start, pipeline.spread)
+    return VolumeProposals(organs, probabilities, seed, steps, time.time() - start, pipeline.spread,
+                           encode_seconds=encoded - start)
 
 
 def organ_statistics(proposals: VolumeProposals, voxel_ml: float) -> dict[str, dict]:
