@@ -21,7 +21,7 @@ import numpy as np
 from .labels import ORGAN_IDS
 from .montage import save_montage
 from .phantoms import save_nifti
-from .outputs import maps_in_input_geometry
+from .outputs import maps_in_input_geometry, stored
 from .predict import Predictor, load_volume
 from .prompts import parse_prompt
 from .volume import DEFAULT_SCREEN_THRESHOLD, organ_statistics
@@ -56,7 +56,7 @@ def segment(args: argparse.Namespace) -> dict:
     save_nifti(maps.consensus, maps.affine, args.out / "consensus.nii.gz")
     for k, proposal in enumerate(maps.proposals):
         save_nifti(proposal, maps.affine, args.out / f"proposal_{k}.nii.gz")
-    save_nifti(maps.uncertainty, maps.affine, args.out / "uncertainty.nii.gz")
+    save_nifti(stored(maps.uncertainty), maps.affine, args.out / "uncertainty.nii.gz")
     image = np.asarray(loaded.image[0])
     for i, organ in enumerate(organs):
         probabilities = proposals.organ_probabilities(i).numpy()
