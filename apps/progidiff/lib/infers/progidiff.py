@@ -50,6 +50,7 @@ from progidiff.outputs import (
     maps_in_input_geometry,
     proposal_layers,
     renumber,
+    stored,
 )
 from progidiff.volume import (
     VolumeProposals,
@@ -57,12 +58,14 @@ from progidiff.volume import (
     organ_statistics,
     reading_error,
     reading_transforms,
+    scan_features,
     segment_volume,
 )
 
 logger = logging.getLogger(__name__)
 
 RESULT_CACHE_SIZE = 4
+FEATURE_CACHE_SIZE = 2  # images whose scan-encoder features are kept (~0.5 MB per slice): a second prompt is cheap
 SEG_NRRD = ".seg.nrrd"
 # Set by the app on every request: the datastore id of the request's image (None for uploads and paths).
 DATASTORE_ID = "progidiff_datastore_id"
@@ -160,6 +163,7 @@ class ProGiDiffInfer(BasicInferTask):
         self._sampling_lock = threading.Lock()
         self._served: ServedModel | None = None
         self._results: OrderedDict[tuple, VolumeProposals] = OrderedDict()
+        self._features: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         # A publish killed between its two renames (server killed mid-publish) left the previous version aside:
         # put it back now, at start-up, before any request looks for it.
         recover_directory(self.model_dir)
@@ -197,6 +201,7 @@ class ProGiDiffInfer(BasicInferTask):
                 logger.info("loading ProGiDiff model from %s", self.model_dir)
                 self._served = self._load_pipeline()
                 self._results.clear()
+                self._features.clear()
             return self._served
 
     def pipeline(self) -> ProGiDiffPipeline:
@@ -221,6 +226,7 @@ class ProGiDiffInfer(BasicInferTask):
                     precision=self.settings.precision,
                     show_progress=False,
                     spread=self.settings.pipeline_spread(),
+                    proposal_noise=self.settings.proposal_noise,
                 ))
             except OSError:
                 failures += 1
@@ -244,6 +250,10 @@ class ProGiDiffInfer(BasicInferTask):
             request["result_extension"] = SEG_NRRD
         label_file, result = super().__call__(request, callbacks)
         result["label_names"] = result.pop("progidiff_label_names", result.get("label_names"))
+        stages = result.pop("progidiff_stages", {})
+        result["latencies"] = {**result.get("latencies", {}), **stages}
+        logger.info("stages (s): %s; total %s s", ", ".join(f"{k} {v}" for k, v in stages.items()),
+                    result["latencies"].get("total"))
         return label_file, result
 
     def pre_transforms(self, data=None):
@@ -256,12 +266,16 @@ class ProGiDiffInfer(BasicInferTask):
         check is the server's fault and is left to be a 5xx, logged with its traceback."""
         data["progidiff_pre_transforms"] = transforms  # `finish` undoes them on the outputs, a few channels at a time
         reading = len(reading_transforms(self.input_key))
+        start = time.perf_counter()
         try:
             data = super().run_pre_transforms(data, transforms[:reading])
         except Exception as error:  # noqa: BLE001 - sorted by `unreadable_image`
             raise unreadable_image(error) from None
         check_loaded_image(data[self.input_key])
-        return super().run_pre_transforms(data, transforms[reading:])
+        loaded = time.perf_counter()
+        data = super().run_pre_transforms(data, transforms[reading:])
+        data["progidiff_stages"] = {"load": loaded - start, "resample": time.perf_counter() - loaded}
+        return data
 
     def inverse_transforms(self, data=None):
         return None  # `finish` brings the outputs back to the input's geometry itself, in bounded memory
@@ -280,6 +294,9 @@ class ProGiDiffInfer(BasicInferTask):
         voxel_ml = float(torch.as_tensor(image.pixdim[:3]).prod()) / 1000.0
         data["progidiff_stats"] = organ_statistics(proposals, voxel_ml)
         data["progidiff_seconds"] = proposals.seconds
+        cached = data["progidiff_cached"]
+        data["progidiff_stages"].update(encode=0.0 if cached else proposals.encode_seconds,
+                                        sample=0.0 if cached else proposals.seconds - proposals.encode_seconds)
         data["progidiff_modality"] = modality
         data["progidiff_adapter"] = adapter
         return data
@@ -314,14 +331,25 @@ class ProGiDiffInfer(BasicInferTask):
             )
 
     def sample(self, served: ServedModel, volume: torch.Tensor, organs: list[str], num_proposals: int, steps: int,
-               seed: int, adapter: str | None = None) -> VolumeProposals:
-        """N proposals per organ for a volume in the model's frame, with `adapter` (None: the bare model)."""
+               seed: int, adapter: str | None = None, image_key: tuple | None = None) -> VolumeProposals:
+        """N proposals per organ for a volume in the model's frame, with `adapter` (None: the bare model).
+        `image_key` names the volume (file and its modification time): its scan-encoder features are then
+        kept for the next request on it."""
         pipeline = served.pipeline
         with self._sampling_lock:  # the active adapter belongs to the shared model: one request samples at a time
             lora.activate(pipeline.model, adapter)
+            key = (*image_key, tuple(volume.shape), adapter, served.version) if image_key else None
+            features = self._features.get(key) if key else None
+            if key and features is None:
+                features = scan_features(pipeline, volume)
+                self._features[key] = features
+                while len(self._features) > FEATURE_CACHE_SIZE:
+                    self._features.popitem(last=False)
+            elif key:
+                self._features.move_to_end(key)
             return segment_volume(pipeline, volume, organs, num_proposals, steps, seed,
                                   slice_batch=self.settings.slice_batch,
-                                  screen_threshold=self.settings.screen_threshold)
+                                  screen_threshold=self.settings.screen_threshold, features=features)
 
     def _proposals(self, data: dict, params: InferParams, adapter: str | None) -> VolumeProposals:
         """Sample with `adapter` (None: the bare model), or reuse the proposals of an identical earlier request
@@ -336,7 +364,7 @@ class ProGiDiffInfer(BasicInferTask):
         if cached is not None:
             return cached
         proposals = self.sample(served, data[self.input_key][0], list(params.organs), params.num_proposals,
-                                params.steps, params.seed, adapter)
+                                params.steps, params.seed, adapter, image_key=(path, stamp) if stamp else None)
         if stamp is not None:
             with self._lock:
                 self._results[key] = proposals
@@ -350,12 +378,15 @@ class ProGiDiffInfer(BasicInferTask):
         params: InferParams = data["progidiff"]
         organs, n = list(params.organs), params.num_proposals
         proposals: VolumeProposals = data.pop("progidiff_proposals")
+        start = time.perf_counter()
         maps = maps_in_input_geometry(proposals, data[self.input_key],
                                       Compose(data.pop("progidiff_pre_transforms")), self.input_key)
         chosen = maps.proposals[params.proposal] if params.proposal is not None else maps.consensus
         values = params.values(ORGAN_IDS)
-
+        back = time.perf_counter()
         stored = self._store_outputs(data, maps)
+        stages = data["progidiff_stages"]
+        stages.update(to_input_geometry=back - start, store=time.perf_counter() - back)
         if params.proposal_layers:
             pred, data["progidiff_segments"], data["color_map"] = proposal_layers(maps, organs)
         else:
@@ -381,6 +412,7 @@ class ProGiDiffInfer(BasicInferTask):
             "stored_tags": stored,
             "label_values": params.label_values,
             "progidiff_label_names": values,
+            "progidiff_stages": {k: round(v, 3) for k, v in stages.items()},
         }
         if params.proposal_layers:
             data["result"]["segments"] = data["progidiff_segments"]
@@ -417,7 +449,7 @@ class ProGiDiffInfer(BasicInferTask):
         with tempfile.TemporaryDirectory() as tmp:
             for tag, (array, described) in outputs.items():
                 path = os.path.join(tmp, f"{image_id}.nii.gz")
-                nib.save(nib.Nifti1Image(array, maps.affine), path)
+                nib.save(nib.Nifti1Image(stored(array), maps.affine), path)
                 datastore.save_label(image_id, path, tag, {**info, "tag": tag, **(described if pacs else {})})
         return list(outputs)
 
