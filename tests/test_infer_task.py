@@ -1,5 +1,6 @@
 """The infer task in process (no server): one model version per request, even when a newer one is published
-while the request runs; a 400 only when the image is at fault, a 5xx when the server is."""
+while the request runs; the scan encoder's features reused for another prompt on the same image; a 400 only
+when the image is at fault, a 5xx when the server is."""
 
 from __future__ import annotations
 
@@ -106,3 +107,20 @@ def test_a_failure_after_the_image_was_read_and_checked_is_no_400(task, monkeypa
     with pytest.raises(Exception) as failed:  # the server answers 500 and logs the traceback
         task(dict(REQUEST))
     assert not isinstance(failed.value, HTTPException)
+
+
+def test_a_second_prompt_on_the_same_image_reuses_the_scan_features(tmp_path):
+    task = infer_task(save_awake_tiny_model(tmp_path / "model"))
+    _, first = task({**REQUEST, "prompt": "liver"})
+    assert first["latencies"]["encode"] > 0 and first["latencies"]["sample"] > 0
+    label, second = task({**REQUEST, "prompt": "spleen"})
+    assert second["latencies"]["encode"] == 0 and not second["cached"]
+    fresh_label, _ = infer_task(task.model_dir)({**REQUEST, "prompt": "spleen"})
+    assert agreement(np.asarray(nib.load(label).dataobj), np.asarray(nib.load(fresh_label).dataobj)) > 0.999
+
+
+def test_an_mr_study_without_an_mr_adapter_is_answered_with_a_warning(task):
+    mr = ROOT / "sample-datasets" / "mr" / "phantom_000_mr.nii.gz"
+    _, result = task({**REQUEST, "image": str(mr), "prompt": "liver"})
+    assert (result["modality"], result["adapter"]) == ("MR", None)
+    assert any("no MR adapter is published" in w and "/train/progidiff_mr_lora" in w for w in result["warnings"])

@@ -187,10 +187,11 @@ def bytes_needed(num_proposals: int, num_organs: int, input_voxels: int, pass_by
 
 
 def maps_in_input_geometry(proposals: VolumeProposals, image: MetaTensor, transform: mt.Compose, key: str = "image",
-                           pass_bytes: int = PASS_BYTES) -> InputGeometryMaps:
+                           pass_bytes: int = PASS_BYTES, separable_if_possible: bool = True) -> InputGeometryMaps:
     """Consensus, each proposal, probability and uncertainty in the input's geometry (see module doc), undoing
-    the transforms that brought the input into the model's frame as `image` under `key`."""
-    separable = SeparableInverse.between(image)
+    the transforms that brought the input into the model's frame as `image` under `key` (separably if possible
+    and `separable_if_possible`: the benchmark measures MONAI's inverse too)."""
+    separable = SeparableInverse.between(image) if separable_if_possible else None
     if separable is not None:
         return _maps_organ_by_organ(proposals, separable)
     each = proposals.probabilities  # [N, P, X, Y, Z] float16, model frame

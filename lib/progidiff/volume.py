@@ -163,7 +163,8 @@ def segment_volume(
 
 
 def organ_statistics(proposals: VolumeProposals, voxel_ml: float) -> dict[str, dict]:
-    """Per organ: proposal volumes (ml), agreement, Dice of each proposal to the consensus, uncertainty, ranking."""
+    """Per organ: proposal volumes (ml), agreement, Dice of each proposal to the consensus, uncertainty, ranking,
+    whether the consensus reaches the first or last slice."""
     stats = {}
     for p, organ in enumerate(proposals.organs):
         summary = summarise(proposals.organ_probabilities(p))
@@ -178,5 +179,7 @@ def organ_statistics(proposals: VolumeProposals, voxel_ml: float) -> dict[str, d
             "dice_to_consensus": [round(float(v), 4) for v in summary.dice_to_consensus],
             "mean_uncertainty": round(float(summary.std[union].mean()) if union.any() else 0.0, 4),
             "ranking": summary.ranking,
+            # in the first or last axial slice: the scan may cut the organ (its volume is then a part)
+            "reaches_scan_end": bool(summary.consensus[..., 0].any() or summary.consensus[..., -1].any()),
         }
     return stats

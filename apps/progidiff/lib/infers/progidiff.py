@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import logging
 import os
@@ -41,6 +42,7 @@ from progidiff.io_utils import published_folders, recover_directories, recover_d
 from progidiff.labels import ORGAN_IDS
 from progidiff.modality import resolve_modality
 from progidiff.model import CONFIG_NAME, ProGiDiffModel
+from progidiff.plausibility import volume_warnings
 from progidiff.pipeline import ProGiDiffPipeline, prompt_encoder_for
 from progidiff.proposals import MASK_THRESHOLD
 from progidiff.outputs import (
@@ -339,17 +341,22 @@ class ProGiDiffInfer(BasicInferTask):
         with self._sampling_lock:  # the active adapter belongs to the shared model: one request samples at a time
             lora.activate(pipeline.model, adapter)
             key = (*image_key, tuple(volume.shape), adapter, served.version) if image_key else None
-            features = self._features.get(key) if key else None
+            features, encoding = self._features.get(key) if key else None, 0.0
             if key and features is None:
+                start = time.perf_counter()
                 features = scan_features(pipeline, volume)
+                encoding = time.perf_counter() - start
                 self._features[key] = features
                 while len(self._features) > FEATURE_CACHE_SIZE:
                     self._features.popitem(last=False)
             elif key:
                 self._features.move_to_end(key)
-            return segment_volume(pipeline, volume, organs, num_proposals, steps, seed,
-                                  slice_batch=self.settings.slice_batch,
-                                  screen_threshold=self.settings.screen_threshold, features=features)
+            proposals = segment_volume(pipeline, volume, organs, num_proposals, steps, seed,
+                                       slice_batch=self.settings.slice_batch,
+                                       screen_threshold=self.settings.screen_threshold, features=features)
+        if features is None:
+            return proposals  # segment_volume encoded the slices itself and counted it
+        return dataclasses.replace(proposals, seconds=proposals.seconds + encoding, encode_seconds=encoding)
 
     def _proposals(self, data: dict, params: InferParams, adapter: str | None) -> VolumeProposals:
         """Sample with `adapter` (None: the bare model), or reuse the proposals of an identical earlier request
@@ -412,11 +419,28 @@ class ProGiDiffInfer(BasicInferTask):
             "stored_tags": stored,
             "label_values": params.label_values,
             "progidiff_label_names": values,
-            "progidiff_stages": {k: round(v, 3) for k, v in stages.items()},
+            "progidiff_stages": {k: round(v, 4) for k, v in stages.items()},
         }
         if params.proposal_layers:
             data["result"]["segments"] = data["progidiff_segments"]
+        data["result"]["warnings"] = self.warnings(data["progidiff_modality"][0], data.get("progidiff_adapter"),
+                                                   data.get("progidiff_stats", {}))
         return data
+
+    def warnings(self, modality: str, adapter: str | None, stats: dict[str, dict]) -> list[str]:
+        """What the user should know before trusting the masks (also logged): a modality the model is not adapted
+        to, an organ volume implausible for an adult (`progidiff.plausibility`)."""
+        warnings = []
+        if modality != "CT" and adapter is None:
+            warnings.append(
+                f"this study is {modality} but the served model is trained on CT and no {modality} adapter is "
+                f"published ({self.adapters_dir / modality.lower()}): do not trust its masks. To adapt it, save "
+                f"'final' labels of a few {modality} studies and POST /train/progidiff_{modality.lower()}_lora")
+        warnings += volume_warnings({o: s["consensus_volume_ml"] for o, s in stats.items()},
+                                    {o: s["reaches_scan_end"] for o, s in stats.items()})
+        for warning in warnings:
+            logger.warning(warning)
+        return warnings
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
         """MONAI Label's writer; proposal layers keep their segment names (its default puts the model's labels)."""
