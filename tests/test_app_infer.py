@@ -157,3 +157,34 @@ def test_dicom_series_end_to_end(server, tmp_path):
     assert label.shape == source.shape
     assert np.allclose(np.abs(np.diag(label.affine))[:3], 3.0, atol=1e-3)
     assert result["modality"] == "CT"  # read from the DICOM header
+
+
+def datastore_labels(server: Server) -> dict[str, dict]:
+    objects = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=60).json()["objects"]
+    return {image: obj["labels"] for image, obj in objects.items()}
+
+
+def batch(server: Server, body: dict) -> requests.Response:
+    return requests.post(f"{server.url}/batch/infer/progidiff", params={"run_sync": "true"}, json=body, timeout=900)
+
+
+def test_batch_inference_labels_every_image_and_resumes_where_it_stopped(server):
+    body = {"prompt": "spleen", "num_proposals": 2, "steps": 1, "seed": 11}
+    first = batch(server, body)
+    assert first.status_code == 200, first.text
+    images = sorted(datastore_labels(server))
+    assert sorted(first.json()) == images and all("skipped" not in r for r in first.json().values())
+    labels = datastore_labels(server)
+    for image in images:
+        assert labels[image]["consensus"]["info"]["seed"] == 11
+        saved = requests.get(f"{server.url}/datastore/label", params={"label": image, "tag": "original"}, timeout=60)
+        values = np.unique(np.asarray(load_nifti_bytes(saved.content).dataobj))
+        assert set(values.tolist()) <= {0, ORGAN_IDS["spleen"]}  # the schema's value: no viewer renumbers a batch
+
+    again = batch(server, body)  # nothing left to do: every image says it was inferred with these options
+    assert all("skipped" in r for r in again.json().values())
+    assert {i: labels[i]["consensus"]["info"]["ts"] for i in images} == \
+        {i: datastore_labels(server)[i]["consensus"]["info"]["ts"] for i in images}
+    other = batch(server, {**body, "seed": 12})
+    assert all("skipped" not in r for r in other.json().values())
+    assert batch(server, {**body, "prompt": "brain"}).status_code == 400  # checked before the run

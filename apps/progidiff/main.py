@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import HTTPException
@@ -29,6 +30,7 @@ from lib.activelearning.proposal_disagreement import ProposalDisagreement
 from lib.configs.progidiff import ProGiDiff
 from lib.datastore import SafeLocalDatastore, image_id_for
 from lib.dicomweb import ProGiDiffDICOMWebDatastore
+from lib.infers.batch import ProGiDiffBatchInfer
 from lib.infers.params import check_image_reference
 from lib.infers.progidiff import DATASTORE_ID
 from lib.routes import UPLOADS, serve_off_the_event_loop
@@ -136,6 +138,14 @@ class ProGiDiffApp(MONAILabelApp):
         for config in self.models.values():
             trainers.update(config.trainer())
         return trainers
+
+    def init_batch_infer(self) -> Callable:
+        return ProGiDiffBatchInfer(self._infers["progidiff"])
+
+    def check_batch_request(self, model: str, params: dict) -> None:
+        """Refuse an unknown model or bad infer options (HTTP 4xx) before a batch inference starts."""
+        self.check_known("model", model)
+        self._infers[model].output_signature(params)
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {

@@ -5,7 +5,8 @@ proposals (tens of seconds on a CPU) or scores images for active learning, the e
 even `/info` waits (its `MONAI_LABEL_INFER_CONCURRENCY` pool does not help: the endpoint blocks on the
 pool's result). The same endpoints declared as plain `def` run in FastAPI's thread pool instead. Each one
 here calls MONAI Label's own endpoint function, with the same parameters and the same permissions, and
-is put in front of MONAI Label's route for the same path. Sampling itself stays one request at a time
+is put in front of MONAI Label's route for the same path (batch inference's too: its `run_sync` would run
+every image on the event loop). Sampling itself stays one request at a time
 (the infer task's lock); `/info`, `/datastore` and the viewers' polling answer meanwhile.
 
 Two checks come first on an infer: `params` must be a JSON object (MONAI Label answers a bare 500 otherwise),
@@ -24,9 +25,10 @@ from typing import Optional
 
 from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, File, Form, HTTPException, UploadFile
 from monailabel.config import settings
-from monailabel.endpoints import activelearning, datastore, infer, scoring, train
+from monailabel.endpoints import activelearning, batch_infer, datastore, infer, scoring, train
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
 from monailabel.interfaces.utils.app import app_instance
 
 router = APIRouter()
@@ -85,6 +87,15 @@ def run_scoring(method: str, params: Optional[dict] = None, run_sync: Optional[b
     # options checked here: the task itself runs in a subprocess nobody answers from
     app_instance().check_scoring_request(method, params or {})
     return scoring.run_method(method, params, run_sync)
+
+
+@router.post("/batch/infer/{model}")
+def run_batch_inference(model: str, images: Optional[BatchInferImageType] = BatchInferImageType.IMAGES_ALL,
+                        params: Optional[dict] = None, run_sync: Optional[bool] = False,
+                        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+    # options checked here: the run itself is a subprocess nobody answers from
+    app_instance().check_batch_request(model, params or {})
+    return batch_infer.run(model, images, params, run_sync)
 
 
 @router.post("/train/{model}")

@@ -238,6 +238,19 @@ class ProGiDiffInfer(BasicInferTask):
     def known_organs(self) -> tuple[str, ...]:
         return self.served().known_organs()
 
+    def output_signature(self, request: dict) -> dict:
+        """What the stored outputs of `request` would say they were made with (batch inference skips an image
+        whose outputs say the same); the request's options checked as an infer checks them (HTTP 400)."""
+        served = self.served()
+        merged = {**copy.deepcopy(self._config), **request}
+        params = parse_params(merged, self._config, self.settings.max_proposals, served.known_organs(), ORGAN_IDS)
+        return self.signature(params, served)
+
+    @staticmethod
+    def signature(params: InferParams, served: ServedModel) -> dict:
+        return {"organs": list(params.organs), "seed": params.seed, "steps": params.steps,
+                "num_proposals": params.num_proposals, "model_version": served.version}
+
     # ---- MONAI Label flow ----------------------------------------------------------------------
     def __call__(self, request, callbacks=None):
         # Check the request before loading anything, and answer 400 with what is accepted.
@@ -467,7 +480,7 @@ class ProGiDiffInfer(BasicInferTask):
             outputs[f"proposal_{k}"] = (proposal, {SERIES_DESCRIPTION: f"{MACHINE_SERIES}proposal {k + 1} of {n} | {about}",
                                                    CONTENT_DESCRIPTION: order})
         outputs.update(zip(FLOAT_MAPS, ((maps.probability, {}), (maps.uncertainty, {}))))
-        info = {"prompt": params.prompt, "organs": list(params.organs), "seed": params.seed, "steps": params.steps,
+        info = {"prompt": params.prompt, **self.signature(params, data[SERVED_MODEL]),
                 "label_names": {o: ORGAN_IDS[o] for o in params.organs}}
         datastore = self.datastore()
         with tempfile.TemporaryDirectory() as tmp:
