@@ -45,14 +45,6 @@ class InputGeometryMaps:
     affine: np.ndarray
 
 
-def inverter(image: MetaTensor, transform: mt.Compose, key: str) -> Invert:
-    """A function taking channels [C, X, Y, Z] in the model's frame (the frame of `image`, which `transform`
-    made under `key`) back to the input's geometry: separable when the frames share their axes, else by
-    undoing the transforms `image` records."""
-    separable = SeparableInverse.between(image)
-    return separable if separable is not None else monai_inverter(image, transform, key)
-
-
 def monai_inverter(image: MetaTensor, transform: mt.Compose, key: str) -> Invert:
     """MONAI's inverse of `transform` as `image` records it (any affine)."""
 
