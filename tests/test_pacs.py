@@ -1,12 +1,15 @@
-"""A real PACS: Orthanc with DICOMweb (scripts/pacs.sh), the server on it offline, proposals and labels as SEG."""
+"""A real PACS: Orthanc with DICOMweb (scripts/pacs.sh), the server on it offline, proposals and labels as SEG;
+two servers on one PACS side by side."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
 import numpy as np
@@ -148,3 +151,36 @@ def test_a_final_seg_from_another_tool_is_read_into_the_schema(server, pacs, tmp
     pair = next(p for p in pairs if os.path.basename(p["image"]).startswith(image))
     label = LoadImage(image_only=True)(pair["label"])
     assert set(np.unique(np.asarray(label)).tolist()) == {0, ORGAN_IDS["spleen"]}
+
+
+def seg_fingerprints(pacs: str) -> dict[str, str]:
+    """SOPInstanceUID → SHA-256 of the file, for every SEG instance in the PACS."""
+    found = {}
+    for series in requests.get(f"{pacs}/series", params={"expand": ""}, timeout=30).json():
+        if series["MainDicomTags"].get("Modality") == "SEG":
+            for instance in series["Instances"]:
+                content = requests.get(f"{pacs}/instances/{instance}/file", timeout=30).content
+                found[pydicom.dcmread(io.BytesIO(content)).SOPInstanceUID] = hashlib.sha256(content).hexdigest()
+    return found
+
+
+def test_two_servers_on_one_pacs_infer_side_by_side_without_touching_each_others_labels(server, pacs, tmp_path):
+    """Two annotators, each with a server (its own cache), one PACS: infers on the same study at the same time
+    both reach the PACS as their own SEG series; every SEG that was there before is still there, unchanged."""
+    image = series_of(pacs, "phantom_002")
+    before = seg_fingerprints(pacs)
+    conf = {**server.conf, "train_dir": str(tmp_path / "runs")}
+    with Server(server.studies, conf, tmp_path, env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")}) as other:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            answers = list(pool.map(
+                lambda pair: requests.post(f"{pair[0].url}/infer/progidiff", params={"image": image, "output": "json"},
+                                           files={"params": (None, json.dumps({"prompt": "liver", "seed": pair[1]}))},
+                                           timeout=600),
+                [(server, 21), (other, 22)]))
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    after = seg_fingerprints(pacs)
+    assert {uid: after.get(uid) for uid in before} == before  # nothing either server wrote replaced another SEG
+    segs = seg_datasets(pacs)
+    for seed in (21, 22):
+        consensus = [d for name, d in segs.items() if name.startswith(f"ProGiDiff consensus of 2 | seed {seed} |")]
+        assert len(consensus) == 1 and consensus[0].ReferencedSeriesSequence[0].SeriesInstanceUID == image
