@@ -8,9 +8,10 @@ float map).  Fewer, larger passes are faster (each pass builds its own sampling 
 goes back in one pass and a large one in several.
 
 When the model's frame lies on the input's axes (reorientation and a zoom per axis: what `loading_transforms`
-does to any scan whose axes are not oblique) the way back is separable: linear interpolation along one axis
-after the other (`SeparableInverse`), the same values as MONAI's inverse (trilinear, border padding) at a
-fraction of its time and memory; an oblique scan goes back through MONAI's inverse.
+does to any scan, oblique ones included, since MONAI's Spacing keeps the scan's directions) the way back is
+separable: linear interpolation along one axis after the other (`SeparableInverse`), the same values as
+MONAI's inverse (trilinear, border padding) at a fraction of its time and memory; frames that do not share
+their axes (other transforms) go back through MONAI's inverse.
 """
 
 from __future__ import annotations

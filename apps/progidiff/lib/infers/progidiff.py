@@ -34,7 +34,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.transform.writer import Writer
 
-from lib.datastore import FLOAT_MAPS, check_header
+from lib.datastore import ACCEPTED_FILES, FLOAT_MAPS, check_header
 from lib.dicomweb import CONTENT_DESCRIPTION, MACHINE_SERIES, SERIES_DESCRIPTION
 from lib.infers.params import InferParams, bad_request, monai_label_options, parse_params
 from progidiff import lora
@@ -98,8 +98,7 @@ class ServedModel:
         return tuple(organs) if organs else tuple(ORGAN_IDS)
 
 
-ACCEPTED_IMAGES = ("a NIfTI (.nii, .nii.gz) or NRRD file holding one 3D volume, or a folder holding one DICOM "
-                   "series")
+ACCEPTED_IMAGES = f"{ACCEPTED_FILES}, or a folder holding one DICOM series"
 
 
 def unreadable_image(error: Exception) -> Exception:
@@ -206,9 +205,6 @@ class ProGiDiffInfer(BasicInferTask):
                 self._features.clear()
             return self._served
 
-    def pipeline(self) -> ProGiDiffPipeline:
-        return self.served().pipeline
-
     def _load_pipeline(self) -> ServedModel:
         """The pipeline with every published adapter loaded beside the model (inactive until asked for);
         reads again if a publish replaced a folder while it was being read."""
@@ -242,9 +238,12 @@ class ProGiDiffInfer(BasicInferTask):
         """What the stored outputs of `request` would say they were made with (batch inference skips an image
         whose outputs say the same); the request's options checked as an infer checks them (HTTP 400)."""
         served = self.served()
+        return self.signature(self.checked_params(request, served), served)
+
+    def checked_params(self, request: dict, served: ServedModel) -> InferParams:
+        """The request's options over the task's defaults, checked (HTTP 400 saying what is accepted)."""
         merged = {**copy.deepcopy(self._config), **request}
-        params = parse_params(merged, self._config, self.settings.max_proposals, served.known_organs(), ORGAN_IDS)
-        return self.signature(params, served)
+        return parse_params(merged, self._config, self.settings.max_proposals, served.known_organs(), ORGAN_IDS)
 
     @staticmethod
     def signature(params: InferParams, served: ServedModel) -> dict:
@@ -255,9 +254,8 @@ class ProGiDiffInfer(BasicInferTask):
     def __call__(self, request, callbacks=None):
         # Check the request before loading anything, and answer 400 with what is accepted.
         served = self.served()
-        merged = {**copy.deepcopy(self._config), **request}
-        request = {**request, **monai_label_options(merged), SERVED_MODEL: served}
-        params = parse_params(merged, self._config, self.settings.max_proposals, served.known_organs(), ORGAN_IDS)
+        request = {**request, **monai_label_options({**self._config, **request}), SERVED_MODEL: served}
+        params = self.checked_params(request, served)
         if isinstance(request.get("image"), str):  # a path by now: refuse from its header, before reading it
             check_header(request["image"], self.settings.max_memory_gb * 2**30, "image")
         request = {**request, "volume": request.get("image"), "progidiff": params}
