@@ -16,6 +16,8 @@ from monai import transforms as mt
 from monailabel.tasks.infer.basic_infer import CallBackTypes
 
 from conftest import save_awake_tiny_model, wake_control_branch, tiny_config
+from progidiff import lora
+from progidiff.intensity import normalisation_for
 from progidiff.io_utils import atomic_directory
 from progidiff.model import ProGiDiffModel
 from server import APP_DIR, ROOT
@@ -124,3 +126,32 @@ def test_an_mr_study_without_an_mr_adapter_is_answered_with_a_warning(task):
     _, result = task({**REQUEST, "image": str(mr), "prompt": "liver"})
     assert (result["modality"], result["adapter"]) == ("MR", None)
     assert any("no MR adapter is published" in w and "/train/progidiff_mr_lora" in w for w in result["warnings"])
+
+
+def test_an_mr_adapter_reads_each_study_rescaled_so_the_scanners_scale_does_not_matter(tmp_path):
+    model_dir = save_awake_tiny_model(tmp_path / "model")
+    model = ProGiDiffModel.from_pretrained(model_dir)
+    settings = lora.LoraSettings(rank=4)
+    lora.add_adapter(model, "mr", settings)
+    lora.save_adapter(model, "mr", tmp_path / "adapters" / "mr", settings,
+                      extra=lora.adapter_record("MR", model_dir, normalisation_for("MR")))
+    source = nib.load(ROOT / "sample-datasets" / "mr" / "phantom_000_mr.nii.gz")
+    studies = {}
+    for name, (scale, offset) in {"scanner_a": (1.0, 0.0), "scanner_b": (2.5, 40.0)}.items():
+        studies[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(np.asarray(source.dataobj, dtype=np.float32) * scale + offset, source.affine),
+                 studies[name])
+    task = infer_task(model_dir)
+
+    def labels(modality: str) -> list[np.ndarray]:
+        answers = []
+        for study in studies.values():
+            path, result = task({**REQUEST, "image": str(study), "prompt": "liver", "modality": modality})
+            assert result["adapter"] == ("mr" if modality == "MR" else None)
+            answers.append(np.asarray(nib.load(path).dataobj))
+        return answers
+
+    a, b = labels("MR")
+    assert a.any() and agreement(a, b) > 0.999  # rescaled per study: the same answer from either scanner
+    ct_a, ct_b = labels("CT")  # the bare CT model reads intensities as they are (HU)
+    assert agreement(ct_a, ct_b) < 0.99

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
-from conftest import tiny_config, wake_control_branch
-from progidiff import lora
+from conftest import save_awake_tiny_model, tiny_config, wake_control_branch, weights_digest
+from progidiff import lora, train
+from progidiff.intensity import normalisation_for
 from progidiff.geometry import to_square
 from progidiff.model import CONTROL_WEIGHTS, ProGiDiffModel
 from progidiff.phantoms import make_phantom
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def mr_batch(model: ProGiDiffModel) -> tuple:
@@ -63,3 +69,26 @@ def test_adapter_is_small_saved_alone_and_switchable(tmp_path):
         assert torch.allclose(fresh(*inputs), adapted, atol=1e-5)
         lora.activate(fresh, None)
         torch.testing.assert_close(fresh(*inputs), bare)
+
+
+def test_the_cli_trains_an_adapter_alone_and_records_the_mr_normalisation(tmp_path):
+    """`python -m progidiff.train --lora mr --modality mr`: the adapter's recipe (model/README.md) at a tiny size."""
+    model_dir = save_awake_tiny_model(tmp_path / "model")
+    before = weights_digest(model_dir)
+    mr = ROOT / "sample-datasets" / "mr"
+    record = train.main(["--out", str(tmp_path / "run"), "--init-from", str(model_dir), "--lora", "mr",
+                         "--lora-rank", "4", "--modality", "mr", "--image-size", "32",
+                         "--volume", str(mr / "phantom_000_mr.nii.gz"), str(mr / "labels" / "final" / "phantom_000_mr.nii.gz"),
+                         "schema", "--hold-out", "10:12,20:22", "--val-phantoms", "0", "--balanced-anatomy",
+                         "--max-steps", "3", "--batch-size", "2", "--val-every", "0", "--val-proposals", "1",
+                         "--val-steps", "1", "--val-organs", "liver"])
+    adapter = tmp_path / "run" / "adapter"
+    assert sorted(p.name for p in adapter.iterdir()) == [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS]
+    config = json.loads((adapter / lora.ADAPTER_CONFIG).read_text())
+    assert config["modality"] == "MR" and config["intensity"] == normalisation_for("MR").to_dict()
+    assert config["settings"]["rank"] == 4 and record["config"]["balanced_anatomy"] is True
+    assert record["steps"] == 3 and "liver" in record["final_validation"]["dice"]
+    assert weights_digest(model_dir) == before  # the model itself is never written
+    fresh = ProGiDiffModel.from_pretrained(model_dir)
+    lora.load_adapter(fresh, adapter, "mr")
+    assert lora.adapter_names(fresh) == ["mr"]

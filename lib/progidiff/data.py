@@ -9,7 +9,9 @@ No left-right flips: they would swap "left kidney" and "right kidney".
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch
 from monai import transforms as mt
 
 from .geometry import to_square
+from .intensity import PercentileNormalisation
 from .labels import ORGAN_IDS, load_class_map, organs_present, to_schema
 from .phantoms import make_phantom
 from .prompts import ORGAN_SYNONYMS, organ_text
@@ -58,6 +61,13 @@ def load_volume_pair(
     return Volume(image=image, label=label.astype(np.uint8), name=Path(image_path).name, spacing=pixdim)
 
 
+def normalised(volume: Volume, normalisation: PercentileNormalisation | None) -> Volume:
+    """The volume rescaled as `normalisation` says (None: as it is, e.g. CT in HU)."""
+    if normalisation is None:
+        return volume
+    return dataclasses.replace(volume, image=normalisation(volume.image))
+
+
 def phantom_volumes(count: int, seed: int, modality: str = "ct") -> list[Volume]:
     volumes = []
     for i in range(count):
@@ -67,7 +77,7 @@ def phantom_volumes(count: int, seed: int, modality: str = "ct") -> list[Volume]
     return volumes
 
 
-def split_slices(volume: Volume, held_out: range) -> tuple[Volume, Volume]:
+def split_slices(volume: Volume, held_out: Collection[int]) -> tuple[Volume, Volume]:
     """(training part, held-out z-block) of one volume: a block, so neighbours of a test slice never train."""
     keep = [z for z in range(volume.image.shape[2]) if z not in held_out]
     out = [z for z in range(volume.image.shape[2]) if z in held_out]
@@ -75,11 +85,14 @@ def split_slices(volume: Volume, held_out: range) -> tuple[Volume, Volume]:
     return part(keep, "train"), part(out, "held-out")
 
 
-def augmentation(image_size: int) -> mt.Compose:
-    """Mild geometry and wide intensity changes (contrast phases, scanners), applied to [1, S, S] slices."""
+def augmentation(image_size: int, bias_field: bool = False) -> mt.Compose:
+    """Mild geometry and wide intensity changes (contrast phases, scanners), applied to [1, S, S] slices.
+    `bias_field`: also MR's smooth multiplicative shading (coil sensitivity), so that an MR model tolerates it."""
     keys = ["image", "label"]
+    shading = [mt.RandBiasFieldd("image", degree=3, coeff_range=(0.0, 0.1), prob=0.5)] if bias_field else []
     return mt.Compose(
         [
+            *shading,
             mt.RandAffined(
                 keys,
                 prob=0.8,
@@ -116,21 +129,26 @@ class SliceDataset(torch.utils.data.Dataset):
         augment: bool = True,
         length: int = 10**9,
         seed: int = 0,
+        bias_field: bool = False,
     ):
         self.groups = [(volumes, weight) for volumes, weight in groups if volumes]
         self.image_size = image_size
         self.organs = organs
         self.negative_rate = negative_rate
-        self.transform = augmentation(image_size) if augment else None
+        self.transform = augmentation(image_size, bias_field) if augment else None
         self.length = length
-        self.rng = random.Random(seed)
-        if self.transform is not None:
-            self.transform.set_random_state(seed)
+        self.reseed(seed)
         # Slices that hold at least one organ of interest, per group.
         self.slices = [
             [(v, z) for v in volumes for z in range(v.image.shape[2]) if set(v.slice_organs(z)) & set(organs)]
             for volumes, _ in self.groups
         ]
+
+    def reseed(self, seed: int) -> None:
+        """Start another random stream of samples (each process of a distributed run draws its own)."""
+        self.rng = random.Random(seed)
+        if self.transform is not None:
+            self.transform.set_random_state(seed)
 
     def __len__(self) -> int:
         return self.length

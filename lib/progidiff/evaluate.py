@@ -25,7 +25,7 @@ from .montage import save_montage
 from .predict import Predictor, load_volume
 from .prompts import parse_prompt
 from .proposals import MASK_THRESHOLD
-from .train import parse_range
+from .train import parse_ranges
 from .volume import DEFAULT_SCREEN_THRESHOLD, VolumeProposals
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="organ-prior logit range the proposals span, tightest to most generous (default: the model's)")
     p.add_argument("--screen-threshold", type=float, default=DEFAULT_SCREEN_THRESHOLD,
                    help="sample only slices where the scan encoder sees the organ (0: every slice)")
-    p.add_argument("--slices", type=parse_range, default=None, metavar="Z0:Z1", help="score only these z-slices")
+    p.add_argument("--slices", type=parse_ranges, default=None, metavar="Z0:Z1[,Z2:Z3]",
+                   help="score only these z-slices")
     p.add_argument("--out", type=Path, required=True, help="result JSON; the montage PNG goes beside it")
     return p
 
@@ -83,8 +84,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     label = np.asarray(loaded.data["label"][0]).astype(np.int64)
     if args.label_map != "schema":
         label = to_schema(label, load_class_map(args.label_map, args.label))
-    zs = args.slices or range(image.shape[2])
-    image, label = image[:, :, zs.start : zs.stop], label[:, :, zs.start : zs.stop]
+    zs = list(args.slices or range(image.shape[2]))
+    image, label = image[:, :, zs], label[:, :, zs]
     proposals = predictor.segment(image.as_tensor(), organs, args.proposals, args.steps, args.seed)
     per_organ = score_proposals(proposals, label, loaded.voxel_spacing)
     for p, organ in enumerate(organs):
@@ -96,7 +97,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "model": str(args.model),
         "model_kind": predictor.kind,
         "image": str(args.image),
-        "slices": [zs.start, zs.stop],
+        "slices": zs,
         "proposals": args.proposals if predictor.kind == "progidiff" else 1,
         "steps": args.steps,
         "seed": args.seed,

@@ -23,6 +23,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .intensity import PercentileNormalisation
 from .io_utils import atomic_directory
 from .model import ProGiDiffModel
 
@@ -99,6 +100,13 @@ def save_adapter(model: ProGiDiffModel, name: str, directory: str | Path, settin
     with atomic_directory(directory) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
         save_file(state, tmp / ADAPTER_WEIGHTS)
+
+
+def adapter_record(modality: str, base_model: str | Path, normalisation: PercentileNormalisation | None) -> dict:
+    """What an adapter's config says besides its layers: the modality it serves, the model it adapts, and the
+    intensity normalisation its studies get first (`progidiff.intensity`)."""
+    return {"modality": modality.upper(), "base_model": str(base_model),
+            "intensity": normalisation.to_dict() if normalisation is not None else None}
 
 
 def load_adapter(model: ProGiDiffModel, directory: str | Path, name: str) -> dict:

@@ -4,7 +4,9 @@ Real labelled scans are scarce here (one CT, one MR patient), so training pairs 
 phantoms for shape and position variety.  Each organ is a smoothly deformed ellipsoid placed
 where it lies in a real abdomen; HU values follow non-contrast or contrast-enhanced CT; borders
 are soft (partial volume); patients vary in size, position, rotation and organ shape.  The MR-like
-version maps the same anatomy to other tissue contrasts with a bias field and Rician-like noise.
+version maps the same anatomy to T1-like contrasts (each tissue at its median in the one real MR we have,
+`../shared/data/mr_a`: fat bright, liver and pancreas brighter than spleen, kidneys and muscle, vessels
+dark) with a bias field and Rician-like noise.
 
 Orientation is RAS+ (array axis 0 → patient's right, 1 → anterior, 2 → superior), like the
 TotalSegmentator scans in ../shared.
@@ -37,32 +39,32 @@ class Organ:
     radii: tuple[float, float, float]
     ct_hu: float  # non-contrast
     ct_hu_contrast: float  # portal-venous phase
-    mr: float  # MR-like signal (arbitrary units)
+    mr: float  # T1-like MR signal (arbitrary units; median of the organ in ../shared/data/mr_a)
 
 
 # Painted in this order: later organs win where they overlap.
 ORGANS: tuple[Organ, ...] = (
-    Organ("liver", (68, 5, 40), (82, 85, 75), 55, 110, 260),
-    Organ("spleen", (-88, -25, 45), (36, 52, 50), 45, 120, 180),
-    Organ("stomach", (-35, 40, 45), (48, 36, 45), 20, 60, 140),
-    Organ("kidney_right", (62, -48, -15), (28, 32, 50), 30, 150, 230),
-    Organ("kidney_left", (-62, -45, -8), (28, 32, 50), 30, 150, 230),
-    Organ("adrenal_gland_right", (40, -30, 35), (6, 10, 14), 25, 60, 200),
-    Organ("adrenal_gland_left", (-38, -28, 32), (6, 10, 14), 25, 60, 200),
-    Organ("duodenum", (35, 20, -10), (16, 14, 35), 25, 70, 120),
-    Organ("pancreas", (-5, 0, 10), (55, 11, 12), 40, 100, 300),
-    Organ("gallbladder", (55, 45, 5), (16, 18, 30), 5, 10, 500),
-    Organ("portal_vein_and_splenic_vein", (10, 2, 25), (42, 6, 6), 45, 170, 60),
-    Organ("inferior_vena_cava", (22, -22, 0), (11, 9, 200), 40, 140, 40),
-    Organ("aorta", (-5, -30, 0), (10, 10, 200), 42, 180, 30),
-    Organ("vertebrae", (0, -68, 0), (21, 19, 200), 250, 260, 110),
+    Organ("liver", (68, 5, 40), (82, 85, 75), 55, 110, 97),
+    Organ("spleen", (-88, -25, 45), (36, 52, 50), 45, 120, 24),
+    Organ("stomach", (-35, 40, 45), (48, 36, 45), 20, 60, 37),
+    Organ("kidney_right", (62, -48, -15), (28, 32, 50), 30, 150, 22),
+    Organ("kidney_left", (-62, -45, -8), (28, 32, 50), 30, 150, 28),
+    Organ("adrenal_gland_right", (40, -30, 35), (6, 10, 14), 25, 60, 160),
+    Organ("adrenal_gland_left", (-38, -28, 32), (6, 10, 14), 25, 60, 110),
+    Organ("duodenum", (35, 20, -10), (16, 14, 35), 25, 70, 37),
+    Organ("pancreas", (-5, 0, 10), (55, 11, 12), 40, 100, 113),
+    Organ("gallbladder", (55, 45, 5), (16, 18, 30), 5, 10, 54),
+    Organ("portal_vein_and_splenic_vein", (10, 2, 25), (42, 6, 6), 45, 170, 44),
+    Organ("inferior_vena_cava", (22, -22, 0), (11, 9, 200), 40, 140, 30),
+    Organ("aorta", (-5, -30, 0), (10, 10, 200), 42, 180, 27),
+    Organ("vertebrae", (0, -68, 0), (21, 19, 200), 250, 260, 153),
 )
 
 # Bowel loops fill the rest of the abdominal cavity: colon framing it, small bowel in the middle.
-BOWEL = {"colon": (25.0, 75.0, 110.0), "small_bowel": (30.0, 90.0, 150.0)}  # (CT HU, contrast HU, MR)
+BOWEL = {"colon": (25.0, 75.0, 40.0), "small_bowel": (30.0, 90.0, 31.0)}  # (CT HU, contrast HU, MR)
 
 AIR, FAT, MUSCLE = -1000.0, -95.0, 50.0
-MR_AIR, MR_FAT, MR_MUSCLE = 0.0, 420.0, 90.0
+MR_AIR, MR_FAT, MR_MUSCLE = 0.0, 380.0, 14.0
 PHANTOM_ORGANS: tuple[str, ...] = tuple(o.name for o in ORGANS)
 
 

@@ -4,6 +4,15 @@ Example (the default model's recipe is in model/README.md):
     python -m progidiff.train --out runs/default --phantoms 120 \\
         --volume ../shared/data/ct_a/image.nii.gz ../shared/data/ct_a/label.nii.gz total --hold-out 10:18 \\
         --max-minutes 55
+
+With `--lora NAME --init-from MODEL` it trains a LoRA adapter on that model instead (the MR adapter's
+recipe is in model/README.md) and writes the adapter alone to `<out>/adapter`.  `--modality mr` rescales
+every volume per study (`progidiff.intensity`) and adds MR shading to the augmentation.
+
+On several processes (CPU cores, GPUs, nodes), launch it with torchrun; `--batch-size` stays the global batch:
+    torchrun --nproc-per-node 2 -m progidiff.train --out runs/ddp ...
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29400 -m progidiff.train ...
+Rank 0 validates, logs, checkpoints and writes the model; `--out` must be a folder every node sees (resume).
 """
 
 from __future__ import annotations
@@ -11,15 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from . import lora
 from .baseline import BaselineConfig, BaselineSegmenter
-from .data import SliceDataset, Volume, load_volume_pair, phantom_volumes, split_slices
+from .data import SliceDataset, Volume, load_volume_pair, normalised, phantom_volumes, split_slices
+from .intensity import normalisation_for
+from .io_utils import atomic_file
 from .labels import ORGAN_IDS
 from .model import ProGiDiffConfig, ProGiDiffModel
 from .pipeline import prompt_encoder_for
@@ -28,9 +42,13 @@ from .training import BaselineTrainer, DiffusionTrainer, TrainConfig, Trainer
 logger = logging.getLogger("progidiff.train")
 
 
-def parse_range(text: str) -> range:
-    start, stop = (int(v) for v in text.split(":"))
-    return range(start, stop)
+def parse_ranges(text: str) -> list[int]:
+    """"10:18" or "5:10,15:20" → the z indices."""
+    indices: list[int] = []
+    for part in text.split(","):
+        start, stop = (int(v) for v in part.split(":"))
+        indices.extend(range(start, stop))
+    return indices
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,11 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantoms", type=int, default=0, help="number of synthetic CT phantoms to train on")
     p.add_argument("--phantom-seed", type=int, default=1000, help="first phantom seed (sample-datasets use 0..)")
     p.add_argument("--val-phantoms", type=int, default=1, help="fresh phantoms kept for validation")
-    p.add_argument("--modality", choices=["ct", "mr"], default="ct", help="which phantom contrast to use")
+    p.add_argument("--modality", choices=["ct", "mr"], default="ct",
+                   help="phantom contrast; mr also rescales every volume per study and adds MR shading")
     p.add_argument("--volume", nargs=3, action="append", default=[], metavar=("IMAGE", "LABEL", "LABEL_MAP"),
                    help="a labelled volume; LABEL_MAP is schema, total, total_mr or a JSON file")
-    p.add_argument("--hold-out", type=parse_range, default=None, metavar="Z0:Z1",
-                   help="z-slices of each --volume kept for validation (e.g. 10:18)")
+    p.add_argument("--hold-out", type=parse_ranges, default=None, metavar="Z0:Z1[,Z2:Z3]",
+                   help="z-slices of each --volume kept for validation (e.g. 10:18, or 5:10,15:20)")
     p.add_argument("--real-weight", type=float, default=0.35, help="share of samples drawn from --volume data")
     p.add_argument("--organs", default="", help="comma list of schema organs (default: all)")
     p.add_argument("--init-from", type=Path, default=None, help="start from this model folder")
@@ -56,11 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="proposals' boundary spread: training masks grow or shrink by up to PX pixels, tied to "
                         "the diffusion noise (default: the --init-from model's, else 0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda")
     p.add_argument("--baseline", action="store_true",
                    help="train the deterministic MONAI UNet baseline instead, on the same data and budget")
+    p.add_argument("--lora", default="", metavar="NAME",
+                   help="train a LoRA adapter NAME on the --init-from model (frozen) and write it to <out>/adapter")
+    p.add_argument("--lora-rank", type=int, default=8, help="the adapter's rank (alpha = rank)")
     for field, value in asdict(TrainConfig()).items():
-        p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+        if isinstance(value, bool):
+            p.add_argument(f"--{field.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=value)
+        else:
+            p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     return p
+
+
+def lora_settings(args: argparse.Namespace) -> lora.LoraSettings:
+    return lora.LoraSettings(rank=args.lora_rank, alpha=float(args.lora_rank))
 
 
 def build_model(args: argparse.Namespace, organs: list[str]) -> ProGiDiffModel:
@@ -78,27 +108,44 @@ def build_model(args: argparse.Namespace, organs: list[str]) -> ProGiDiffModel:
         model = ProGiDiffModel.from_config(config)
     if args.boundary_jitter is not None:
         model.config.boundary_jitter = args.boundary_jitter
-    model.config.organs = organs
+    if args.lora:
+        lora.add_adapter(model, args.lora, lora_settings(args))
+    else:
+        model.config.organs = organs
     return model
 
 
-def build_trainer(args: argparse.Namespace, organs: list[str], train_args: tuple) -> Trainer:
+def build_trainer(args: argparse.Namespace, organs: list[str], train_args: tuple, device: torch.device) -> Trainer:
     if args.baseline:
         torch.manual_seed(args.seed)
         config = BaselineConfig(image_size=args.image_size, spacing_mm=args.spacing_mm, organs=tuple(organs))
         model = BaselineSegmenter(config)
-        return BaselineTrainer(model, *train_args)
+        return BaselineTrainer(model, *train_args, device=device)
     model = build_model(args, organs)
-    return DiffusionTrainer(model, prompt_encoder_for(model, args.init_from), *train_args)
+    return DiffusionTrainer(model, prompt_encoder_for(model, args.init_from), *train_args, device=device)
+
+
+def process_device(requested: str) -> torch.device:
+    """This process's device; under torchrun (WORLD_SIZE > 1) it first joins the process group through torchrun's
+    env:// rendezvous (NCCL between GPUs, gloo between CPU processes) and takes the GPU of its local rank."""
+    use_cuda = torch.cuda.is_available() and requested != "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if not use_cuda:
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank if dist.is_initialized() else torch.cuda.current_device())
 
 
 def load_data(args: argparse.Namespace) -> tuple[list[Volume], list[Volume], list[Volume]]:
     """(phantom training volumes, real training volumes, validation volumes)."""
+    normalisation = normalisation_for(args.modality)
     phantoms = phantom_volumes(args.phantoms, args.phantom_seed, args.modality) if args.phantoms else []
     val = phantom_volumes(args.val_phantoms, args.phantom_seed + 100000, args.modality) if args.val_phantoms else []
+    phantoms, val = [normalised(v, normalisation) for v in phantoms], [normalised(v, normalisation) for v in val]
     real = []
     for image, label, label_map in args.volume:
-        volume = load_volume_pair(image, label, label_map, spacing=args.spacing_mm)
+        volume = normalised(load_volume_pair(image, label, label_map, spacing=args.spacing_mm), normalisation)
         if args.hold_out is not None:
             volume, held_out = split_slices(volume, args.hold_out)
             val.append(held_out)
@@ -107,7 +154,10 @@ def load_data(args: argparse.Namespace) -> tuple[list[Volume], list[Volume], lis
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.lora and (args.baseline or not args.init_from):
+        parser.error("--lora adapts a trained model: give --init-from MODEL_DIR (and not --baseline)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,24 +170,43 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("data: %d phantoms, %d real volumes, %d validation volumes (%.0f s)",
                 len(phantoms), len(real), len(val), time.time() - start)
 
+    device = process_device(args.device)
     config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
     groups = [(phantoms, 1.0 - args.real_weight if real else 1.0), (real, args.real_weight if phantoms else 1.0)]
-    train_set = SliceDataset(groups, args.image_size, organs, seed=config.seed)
-    trainer = build_trainer(args, organs, (train_set, val, config, args.out))
+    train_set = SliceDataset(groups, args.image_size, organs, seed=config.seed, bias_field=args.modality != "ct")
+    trainer = build_trainer(args, organs, (train_set, val, config, args.out), device)
     trainer.resume()
+    first_step, fit_started = trainer.step, time.time()
     final = trainer.fit()
-    trainer.save_model(args.out / "model")
+    train_seconds = time.time() - fit_started
+    if not trainer.is_main:  # rank 0 writes what the run made
+        dist.destroy_process_group()
+        return {}
+    saved = args.out / ("adapter" if args.lora else "model")
+    if args.lora:
+        with trainer.ema_weights():
+            lora.save_adapter(trainer.model, args.lora, saved, lora_settings(args), extra=lora.adapter_record(
+                args.modality, args.init_from, normalisation_for(args.modality)))
+    else:
+        trainer.save_model(saved)
     record = {
         "command": "python -m progidiff.train " + " ".join(argv if argv is not None else sys.argv[1:]),
         "steps": trainer.step,
         "wall_minutes": round((time.time() - start) / 60, 2),
+        "train_seconds": round(train_seconds, 2),  # the steps of this launch (and their validations)
+        "steps_this_launch": trainer.step - first_step,
         "torch_threads": torch.get_num_threads(),
+        "processes": trainer.world_size,
         "final_validation": final,
         "history": trainer.history,
         "config": asdict(config),
+        "losses": trainer.losses,
     }
-    (args.out / "train_record.json").write_text(json.dumps(record, indent=2))
-    logger.info("model saved to %s (%.1f min)", args.out / "model", record["wall_minutes"])
+    with atomic_file(args.out / "train_record.json", suffix=".json") as tmp:
+        Path(tmp).write_text(json.dumps(record, indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    logger.info("%s saved to %s (%.1f min)", "adapter" if args.lora else "model", saved, record["wall_minutes"])
     return record
 
 

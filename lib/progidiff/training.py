@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
@@ -50,6 +51,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     ema_decay: float = 0.995
     anatomy_weight: float = 1.0  # weight of the scan encoder's deterministic anatomy loss
+    balanced_anatomy: bool = False  # anatomy BCE averaged per organ over its inside and outside (see anatomy_loss)
     mask_weight: float = 1.0  # weight of the soft Dice of the predicted clean mask (x0-prediction, pixel space)
     low_noise_bias: float = 0.0  # >0 samples timesteps more often near t=0 (sharper final steps)
     encoder_steps: int = 0  # the first steps train only the scan encoder, as a deterministic segmenter
@@ -68,8 +70,15 @@ def soft_dice_loss(probability: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return (1 - (2 * inter + 1) / (probability.sum(dim=dims) + target.sum(dim=dims) + 1)).mean()
 
 
-def anatomy_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Soft Dice + BCE of per-organ logits [B,K,h,w] against a schema label map [B,1,H,W]."""
+def anatomy_loss(logits: torch.Tensor, label: torch.Tensor, balanced: bool = False) -> torch.Tensor:
+    """Soft Dice + BCE of per-organ logits [B,K,h,w] against a schema label map [B,1,H,W].
+
+    `balanced`: the BCE is the mean over each organ's inside plus the mean over its outside, instead of the
+    mean over every pixel.  Adapting to a new modality needs it: the CT model's organ logits sit far below
+    zero on MR (≈ −30 for spleen and kidneys on `mr_a`), where the soft Dice's gradient vanishes and a
+    pixel-mean BCE gives a small organ's few pixels almost no say beside the liver's; with it, every organ
+    present pulls as hard as the liver (measured in model/README.md, "MR adapter").
+    """
     one_hot = torch.stack([(label[:, 0] == v).float() for v in ORGAN_IDS.values()], dim=1)
     target = F.interpolate(one_hot, size=logits.shape[-2:], mode="area")
     prob = logits.sigmoid()
@@ -78,7 +87,12 @@ def anatomy_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     present = target.sum(dim=(2, 3)) > 0
     soft_dice = 1 - (2 * inter + 1) / (denom + 1)
     dice_term = soft_dice[present].mean() if present.any() else logits.sum() * 0
-    return F.binary_cross_entropy_with_logits(logits, target) + dice_term
+    if not balanced:
+        return F.binary_cross_entropy_with_logits(logits, target) + dice_term
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    inside = (bce * target).sum(dim=(2, 3)) / target.sum(dim=(2, 3)).clamp_min(1e-6)
+    outside = (bce * (1 - target)).sum(dim=(2, 3)) / (1 - target).sum(dim=(2, 3)).clamp_min(1e-6)
+    return (inside * present + outside).mean() + dice_term
 
 
 def boundary_shift(noise: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -137,10 +151,37 @@ def diffusion_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Te
     raise ValueError(f"Unsupported prediction_type {kind!r}")
 
 
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in torch.distributed's default group; (0, 1) outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _LossOfBatch(nn.Module):
+    """The model and the trainer's loss as one module, so that DistributedDataParallel sees every forward (the
+    encoder warm-up does not go through the model's forward) and averages the gradients of all ranks."""
+
+    def __init__(self, model: nn.Module, loss: Callable[[dict], dict[str, torch.Tensor]]):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.loss(batch)
+
+
 class Trainer:
     """The loop shared by both models: steps within a step and time budget, EMA, checkpoints and resume,
     progress logs, TensorBoard scalars, validation Dice on held-out volumes.  Subclasses define one
-    training step and how to predict probabilities for validation."""
+    training step and how to predict probabilities for validation.
+
+    Under torch.distributed (torchrun, or MONAI Label's `multi_gpu`), one trainer per process: the model is
+    wrapped in DistributedDataParallel (gradients averaged over the ranks), each rank draws its own share of
+    `batch_size` from its own random stream of slices (the dataset is an endless random sampler, so this is
+    what a distributed sampler gives it), and rank 0 alone validates, logs, writes TensorBoard and
+    checkpoints, and calls `on_validation` (which publishes).  Every rank stops at the same step.
+    """
 
     def __init__(
         self,
@@ -162,10 +203,25 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.ema = EMAModel(self.params, decay=config.ema_decay)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.rank, self.world_size = distributed_rank()
+        if config.batch_size % self.world_size:
+            raise ValueError(f"batch_size {config.batch_size} does not split over {self.world_size} processes")
+        self.generator = torch.Generator().manual_seed(config.seed + self.rank)
         self.step = 0
         self.history: list[dict] = []
-        self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        self.losses: list[float] = []  # the loss of every step (averaged over the ranks), for the train record
+        self.writer = SummaryWriter(str(self.out_dir / "tensorboard")) if self.is_main else None
+        self.loss_of_batch: nn.Module = _LossOfBatch(self.model, self.loss)
+        if self.world_size > 1:
+            train_set.reseed(config.seed + self.rank)
+            self.loss_of_batch = nn.parallel.DistributedDataParallel(
+                self.loss_of_batch, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)  # the encoder warm-up leaves the UNet out of the graph
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 (the only process without torch.distributed): the one that validates, logs and saves."""
+        return self.rank == 0
 
     # ---- what subclasses define ----------------------------------------------------------------
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -182,6 +238,8 @@ class Trainer:
         return self.out_dir / "checkpoint.pt"
 
     def save_checkpoint(self) -> None:
+        if not self.is_main:
+            return
         state = {
             "step": self.step,
             "model": self.model.state_dict(),
@@ -203,19 +261,36 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
         self.step, self.history = state["step"], state["history"]
+        if self.world_size > 1:  # the checkpoint holds rank 0's stream: each rank goes on with its own
+            self.generator.manual_seed(self.config.seed + self.rank + 7919 * self.step)
+            self.train_set.reseed(self.config.seed + self.rank + 7919 * self.step)
         logger.info("resumed from %s at step %d", self.checkpoint_path, self.step)
         return True
 
     # ---- one step ------------------------------------------------------------------------------
     def training_step(self, batch: dict) -> dict[str, float]:
         self.model.train()
-        losses = self.loss(batch)
+        losses = self.loss_of_batch(batch)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.ema.step(self.params)
-        return {k: v.item() for k, v in losses.items()}
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        if self.world_size > 1:  # what the whole (global) batch scored
+            dist.all_reduce(values)
+            values /= self.world_size
+        return dict(zip(losses, values.tolist()))
+
+    def should_stop(self, started: float) -> bool:
+        """Step or time budget spent; under torch.distributed rank 0's clock decides for every rank."""
+        cfg = self.config
+        stop = self.step >= cfg.max_steps or bool(cfg.max_minutes and time.time() - started > cfg.max_minutes * 60)
+        if self.world_size > 1:
+            flag = torch.tensor([float(stop)])
+            dist.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        return stop
 
     # ---- validation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -251,32 +326,41 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to the step or time budget; the final validation entry (rank 0; {} on the other ranks)."""
         cfg = self.config
-        loader = torch.utils.data.DataLoader(self.train_set, batch_size=cfg.batch_size, num_workers=0)
+        loader = torch.utils.data.DataLoader(self.train_set, batch_size=cfg.batch_size // self.world_size,
+                                             num_workers=0)
         start = time.time()
         running: dict[str, float] = {}
         logger.info(
-            "training %d trainable parameters for up to %d steps%s",
+            "training %d trainable parameters for up to %d steps%s%s",
             sum(p.numel() for p in self.params),
             cfg.max_steps,
             f" / {cfg.max_minutes:g} min" if cfg.max_minutes else "",
+            f" on {self.world_size} processes (rank {self.rank})" if self.world_size > 1 else "",
         )
+        first = self.step
         for batch in loader:
-            if self.step >= cfg.max_steps or (cfg.max_minutes and time.time() - start > cfg.max_minutes * 60):
+            if self.should_stop(start):
                 break
             losses = self.training_step(batch)
             self.step += 1
+            self.losses.append(round(losses["loss"], 5))
+            if not self.is_main:
+                continue
             for k, v in losses.items():
                 running[k] = 0.98 * running.get(k, v) + 0.02 * v
                 self.writer.add_scalar(f"train/{k}", v, self.step)
-            if self.step % 25 == 0 or self.step == 1:
+            if self.step % 25 == 0 or self.step == first + 1:
                 terms = "  ".join(f"{k} {v:.4f}" for k, v in running.items())
                 logger.info("step %d/%d  %s  %.2f s/step", self.step, cfg.max_steps, terms,
-                            (time.time() - start) / self.step)
+                            (time.time() - start) / (self.step - first))
             if cfg.val_every and self.step % cfg.val_every == 0:
                 self._record_validation(time.time() - start)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
+        if not self.is_main:
+            return {}
         validated_now = bool(self.history) and self.history[-1]["step"] == self.step
         final = self.history[-1] if validated_now else self._record_validation(time.time() - start)
         self.save_checkpoint()
@@ -342,7 +426,7 @@ class DiffusionTrainer(Trainer):
         noisy = self.scheduler.add_noise(x0, noise, t)
         prediction, logits = self.model(noisy, t, text, image, organ_index, return_organ_logits=True)
         terms = {"diffusion": F.mse_loss(prediction.float(), diffusion_target(self.scheduler, x0, noise, t).float())}
-        terms["anatomy"] = anatomy_loss(logits, batch["label"].to(self.device))
+        terms["anatomy"] = anatomy_loss(logits, batch["label"].to(self.device), self.config.balanced_anatomy)
         if self.direct_mask_loss:
             # x0 is the mask itself: also score it as a segmentation (SDSeg's direct mask estimation).
             predicted = ((prediction.float() + 1) / 2).clamp(0, 1)
@@ -355,7 +439,7 @@ class DiffusionTrainer(Trainer):
         segmenter's cost per step, so that the diffusion stage starts from a strong organ prior."""
         encoder = self.model.scan_encoder
         logits = encoder.organ_logits(encoder.features(batch["image"].to(self.device)))
-        anatomy = anatomy_loss(logits, batch["label"].to(self.device))
+        anatomy = anatomy_loss(logits, batch["label"].to(self.device), self.config.balanced_anatomy)
         return {"loss": anatomy, "anatomy": anatomy}
 
     def predict(self, images: torch.Tensor, organs: list[str]) -> torch.Tensor:
@@ -375,10 +459,12 @@ class BaselineTrainer(Trainer):
 
 
 def train_on_volumes(model: ProGiDiffModel, volumes: list[Volume], val_volumes: list[Volume], config: TrainConfig,
-                     out_dir: str | Path, device: torch.device | str = "cpu") -> dict:
+                     out_dir: str | Path, device: torch.device | str = "cpu", bias_field: bool = False) -> dict:
     """Train `model` in place on `volumes` (its trainable parameters only) and leave the EMA weights in it,
-    as a published model would have them.  Returns the final validation entry."""
-    train_set = SliceDataset([(volumes, 1.0)], model.config.image_size, list(model.config.organs), seed=config.seed)
+    as a published model would have them.  Returns the final validation entry ({} without `val_volumes`).
+    `bias_field`: MR shading in the augmentation."""
+    train_set = SliceDataset([(volumes, 1.0)], model.config.image_size, list(model.config.organs), seed=config.seed,
+                             bias_field=bias_field)
     trainer = DiffusionTrainer(model, prompt_encoder_for(model), train_set, val_volumes, config, out_dir, device=device)
     final = trainer.fit()
     trainer.ema.copy_to(trainer.params)

@@ -38,6 +38,7 @@ from lib.datastore import ACCEPTED_FILES, FLOAT_MAPS, check_header
 from lib.dicomweb import CONTENT_DESCRIPTION, MACHINE_SERIES, SERIES_DESCRIPTION
 from lib.infers.params import InferParams, bad_request, monai_label_options, parse_params
 from progidiff import lora
+from progidiff.intensity import PercentileNormalisation
 from progidiff.io_utils import published_folders, recover_directories, recover_directory
 from progidiff.labels import ORGAN_IDS
 from progidiff.modality import resolve_modality
@@ -84,6 +85,12 @@ class ServedModel:
 
     version: str
     pipeline: ProGiDiffPipeline = field(repr=False)
+    adapter_configs: dict[str, dict] = field(default_factory=dict, repr=False)  # name → its adapter_config.json
+
+    def normalisation(self, adapter: str | None) -> PercentileNormalisation | None:
+        """How a study is rescaled before `adapter` reads it: what the adapter was trained with (none for the
+        bare CT model, which reads Hounsfield units)."""
+        return PercentileNormalisation.from_dict(self.adapter_configs.get(adapter, {}).get("intensity"))
 
     def __deepcopy__(self, memo: dict) -> "ServedModel":
         return self  # shared and never changed: MONAI Label deep-copies each request, not the model in it
@@ -213,10 +220,11 @@ class ProGiDiffInfer(BasicInferTask):
             version = self.model_version()
             try:
                 model = ProGiDiffModel.from_pretrained(self.model_dir)
+                adapter_configs = {}
                 for folder in published_folders(self.adapters_dir, lora.ADAPTER_CONFIG):
-                    lora.load_adapter(model, folder, folder.name)
+                    adapter_configs[folder.name] = lora.load_adapter(model, folder, folder.name)
                     logger.info("loaded the %s adapter from %s", folder.name, folder)
-                return ServedModel(version, ProGiDiffPipeline(
+                return ServedModel(version, adapter_configs=adapter_configs, pipeline=ProGiDiffPipeline(
                     model,
                     prompt_encoder_for(model, self.model_dir),
                     scheduler=self.settings.scheduler,
@@ -347,8 +355,11 @@ class ProGiDiffInfer(BasicInferTask):
                seed: int, adapter: str | None = None, image_key: tuple | None = None) -> VolumeProposals:
         """N proposals per organ for a volume in the model's frame, with `adapter` (None: the bare model).
         `image_key` names the volume (file and its modification time): its scan-encoder features are then
-        kept for the next request on it."""
+        kept for the next request on it.  The volume is rescaled first if the adapter says so (MR)."""
         pipeline = served.pipeline
+        normalisation = served.normalisation(adapter)
+        if normalisation is not None:
+            volume = normalisation(volume)
         with self._sampling_lock:  # the active adapter belongs to the shared model: one request samples at a time
             lora.activate(pipeline.model, adapter)
             key = (*image_key, tuple(volume.shape), adapter, served.version) if image_key else None

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+from monailabel.utils.others.generic import strtobool
 
 from lib.datastore import check_name
 from progidiff.data import SliceDataset, Volume, load_volume_pair, split_slices
@@ -44,6 +46,11 @@ _OWN_LOOP = "ProGiDiffTrain.train runs progidiff.training.DiffusionTrainer, not 
 
 
 class ProGiDiffTrain(BasicTrainTask):
+    # Adapting to another modality (the LoRA task) trains the anatomy read-out with a per-organ balanced loss and
+    # shading augmentation (progidiff.training.anatomy_loss, progidiff.data.augmentation); fine-tuning on CT does not.
+    balanced_anatomy = False
+    bias_field = False
+
     def __init__(self, model_path: str | Path, run_dir: str | Path, settings: Any,
                  publish_path: str | Path | None = None, config: dict[str, Any] | None = None,
                  description: str = "Fine-tune the ProGiDiff control branch on labelled images (base frozen)"):
@@ -57,7 +64,7 @@ class ProGiDiffTrain(BasicTrainTask):
                 "train_batch_size": 8,
                 "val_proposals": 2,
                 "val_steps": 5,
-                "multi_gpu": False,  # the ProGiDiff loop trains on one device
+                "multi_gpu": False,  # true: one process per GPU of `gpus` (torch.distributed; see `train`)
                 **(config or {}),
             },
             publish_path=str(publish_path or model_path),
@@ -65,8 +72,8 @@ class ProGiDiffTrain(BasicTrainTask):
         )
         self.model_path = str(model_path)  # the served model this task starts from
         self.settings = settings
-        for key in ("dataset", "dataloader", "val_batch_size", "early_stop_patience", "gpus"):
-            self._config.pop(key, None)  # MONAI's ignite/DDP options; this loop does not use them
+        for key in ("dataset", "dataloader", "val_batch_size", "early_stop_patience"):
+            self._config.pop(key, None)  # MONAI's ignite options; this loop does not use them
 
     def option_bounds(self) -> dict[str, tuple[type, float, float]]:
         """Train options a request may set: (type, lowest, highest)."""
@@ -90,6 +97,14 @@ class ProGiDiffTrain(BasicTrainTask):
                                          f"from {low:g} to {high:g}; got {value!r}"[:300])
         if "name" in params:
             check_name("run name", params["name"])
+        if "multi_gpu" in params:
+            try:
+                params["multi_gpu"] = strtobool(params["multi_gpu"])
+            except (AttributeError, TypeError, ValueError):
+                raise HTTPException(400, f"train option 'multi_gpu' must be true or false; got {params['multi_gpu']!r}"[:300]) from None
+        gpus = str(params.get("gpus", "all"))
+        if gpus != "all" and not all(g.strip().isdigit() for g in gpus.split(",")):
+            raise HTTPException(400, f"train option 'gpus' must be 'all' or device numbers such as '0,1'; got {gpus!r}"[:300])
 
     # BasicTrainTask's hooks for MONAI's ignite trainer.  `train` runs the ProGiDiff loop instead, which
     # owns its network, optimizer, losses, transforms and sampler (progidiff.training).
@@ -129,13 +144,42 @@ class ProGiDiffTrain(BasicTrainTask):
         return datalist
 
     def train(self, rank: int, world_size: int, request: dict, datalist: list[dict]) -> dict:
+        """One process's training; with `multi_gpu` MONAI Label spawns `world_size` of them (one per GPU of
+        `gpus`) and each joins the process group first."""
         context = Context()
         context.request, context.datalist = request, datalist
         context.local_rank, context.world_size = rank, world_size
         context.start_ts = int(time.time())
         context.run_id = request["run_id"]
         context.output_dir = str(Path(self._model_dir) / request["name"] / request["run_id"])
-        device = torch.device(request["device"] if torch.cuda.is_available() else "cpu")
+        device = self._join_process_group(rank, world_size, request) if request.get("multi_gpu") else \
+            torch.device(request["device"] if torch.cuda.is_available() else "cpu")
+        try:
+            return self._train(context, device)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _join_process_group(self, rank: int, world_size: int, request: dict) -> torch.device:
+        """torch.distributed as MONAI Label's own trainers join it (its `distributed_backend` / `distributed_url`
+        request keys), with defaults that work without a GPU too: gloo on CPUs, and a rendezvous file of this
+        run (every spawned process computes the same name)."""
+        cuda = torch.cuda.is_available()
+        rendezvous = Path(self._model_dir) / request["name"] / f".rendezvous_{request['run_id']}"
+        rendezvous.parent.mkdir(parents=True, exist_ok=True)
+        dist.init_process_group(backend=request.get("distributed_backend") or ("nccl" if cuda else "gloo"),
+                                init_method=request.get("distributed_url") or f"file://{rendezvous}",
+                                rank=rank, world_size=world_size)
+        if not cuda:
+            return torch.device("cpu")
+        gpus = str(request.get("gpus", "all"))
+        index = rank if gpus == "all" else int(gpus.split(",")[rank])
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+
+    def _train(self, context: Context, device: torch.device) -> dict:
+        request = context.request
+        main = context.local_rank == 0
 
         model = self.network(context)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -150,7 +194,8 @@ class ProGiDiffTrain(BasicTrainTask):
             train_volumes, val_volumes = _hold_out_blocks(train_volumes, float(request["val_split"]))
 
         organs = list(model.config.organs) or list(ORGAN_IDS)
-        train_set = SliceDataset([(train_volumes, 1.0)], model.config.image_size, organs, seed=0)
+        train_set = SliceDataset([(train_volumes, 1.0)], model.config.image_size, organs, seed=0,
+                                 bias_field=self.bias_field)
         batch = int(request["train_batch_size"])
         steps_per_epoch = max(1, math.ceil(sum(len(s) for s in train_set.slices) / batch))
         epochs = int(request["max_epochs"])
@@ -163,18 +208,20 @@ class ProGiDiffTrain(BasicTrainTask):
             val_proposals=int(request["val_proposals"]),
             val_steps=int(request["val_steps"]),
             val_organs=",".join(organs),
+            balanced_anatomy=self.balanced_anatomy,
         )
         logger.info("training on %d images (%d slices), validating on %d; %d epochs × %d steps on %s",
                     len(train_volumes), steps_per_epoch * batch, len(val_volumes), epochs, steps_per_epoch, device)
         publisher = _EpochPublisher(self, context, steps_per_epoch, epochs)
         trainer = DiffusionTrainer(model, prompt_encoder_for(model), train_set, val_volumes, config,
-                                   context.output_dir, device=device, on_validation=publisher)
+                                   context.output_dir, device=device, on_validation=publisher if main else None)
         publisher.trainer = trainer
-        publisher.served = self.served_validation(trainer).get("mean_dice", -1.0)
-        logger.info("served model: validation mean Dice %.3f; an epoch is published only if it beats this",
-                    publisher.served)
+        if main:  # rank 0 alone validates and publishes
+            publisher.served = self.served_validation(trainer).get("mean_dice", -1.0)
+            logger.info("served model: validation mean Dice %.3f; an epoch is published only if it beats this",
+                        publisher.served)
         trainer.fit()
-        return publisher.finish()
+        return publisher.finish() if main else {}
 
     def served_validation(self, trainer: DiffusionTrainer) -> dict:
         """What is served now, validated as every epoch will be: before the first step the EMA weights are the
@@ -260,6 +307,7 @@ class _EpochPublisher:
                      "best_metric_epoch": self.best_epoch},
             "history": self.history,
             "tensorboard": str(Path(self.context.output_dir) / "tensorboard"),
+            "processes": self.context.world_size if self.context.request.get("multi_gpu") else 1,
             "served_val_mean_dice": self.served,
             "published": self.published_epoch is not None,
             "published_epoch": self.published_epoch,

@@ -22,6 +22,8 @@ from monailabel.utils.others.generic import strtobool
 
 from lib.trainers.progidiff import ProGiDiffTrain
 from progidiff import lora
+from progidiff.data import Volume, normalised
+from progidiff.intensity import normalisation_for
 from progidiff.modality import resolve_modality
 from progidiff.model import ProGiDiffModel
 from progidiff.training import DiffusionTrainer
@@ -32,6 +34,9 @@ SERVED = "served"  # name under which the published adapter is loaded to validat
 
 
 class ProGiDiffLoraTrain(ProGiDiffTrain):
+    balanced_anatomy = True
+    bias_field = True
+
     def __init__(self, model_path: str | Path, adapters_path: str | Path, run_dir: str | Path, settings: Any,
                  modality: str = "MR"):
         super().__init__(
@@ -43,6 +48,7 @@ class ProGiDiffLoraTrain(ProGiDiffTrain):
         )
         self.modality = modality
         self.lora_settings = lora.LoraSettings()
+        self.normalisation = normalisation_for(modality)  # recorded in the adapter: the infer task applies it too
 
     def option_bounds(self) -> dict[str, tuple[type, float, float]]:
         return {**super().option_bounds(), "rank": (int, 1, 256), "alpha": (float, 0.01, 10000.0),
@@ -95,8 +101,11 @@ class ProGiDiffLoraTrain(ProGiDiffTrain):
             for param in trainer.params:  # loading froze the model: the new adapter trains again
                 param.requires_grad_(True)
 
+    def _load(self, item: dict, spacing: float) -> Volume:
+        return normalised(super()._load(item, spacing), self.normalisation)
+
     def save_to(self, trainer: DiffusionTrainer, directory: str | Path) -> None:
         """Write the adapter alone (adapter_config.json + safetensors), atomically."""
         with trainer.ema_weights():
             lora.save_adapter(trainer.model, self.modality.lower(), directory, self.lora_settings,
-                              extra={"modality": self.modality, "base_model": self.model_path})
+                              extra=lora.adapter_record(self.modality, self.model_path, self.normalisation))
