@@ -91,6 +91,13 @@ def test_put_label_train_publish_and_serve(server):
     assert after["organ_stats"] != before["organ_stats"]
 
 
+@pytest.mark.parametrize("options, error", [({"multi_gpu": "sometimes"}, "multi_gpu"),
+                                            ({"multi_gpu": True, "gpus": "first"}, "gpus")])
+def test_bad_distributed_options_are_refused_before_the_run(server, options, error):
+    response = requests.post(f"{server.url}/train/progidiff", json={**TINY_TRAIN, **options}, timeout=60)
+    assert response.status_code == 400 and error in response.text
+
+
 def promote(candidate: str, model_dir: str) -> None:
     done = subprocess.run([sys.executable, "-m", "progidiff.promote", candidate, model_dir], capture_output=True,
                           text=True, timeout=300)
