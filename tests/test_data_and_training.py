@@ -173,7 +173,8 @@ def test_evaluate_writes_the_documented_keys(tiny_model_dir, tiny_case, tmp_path
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved == json.loads(json.dumps(result))
     for organ in ("liver", "spleen"):
-        assert set(saved["organs"][organ]) >= {"dice_consensus", "dice_best", "dice_mean", "hd95_consensus"}
+        assert set(saved["organs"][organ]) >= {"dice_consensus", "dice_best", "dice_mean", "hd95_consensus", "ged",
+                                               "bracketing_inside_generous", "bracketing_tightest_inside"}
         assert 0 <= saved["organs"][organ]["dice_mean"] <= saved["organs"][organ]["dice_best"] <= 1
     assert saved["seconds"] > 0 and saved["slices"] == list(range(10, 20))
     assert (tmp_path / "result_liver.png").stat().st_size > 1000

@@ -1,6 +1,6 @@
 import torch
 
-from progidiff.metrics import dice, hd95
+from progidiff.metrics import bracketing, dice, generalized_energy_distance, hd95
 from progidiff.proposals import summarise
 
 
@@ -33,3 +33,16 @@ def test_dice_and_hd95():
     assert dice(torch.zeros(3), torch.zeros(3)) == 1.0
     assert hd95(a.numpy(), a.numpy()) == 0.0
     assert abs(hd95(a.numpy(), b.numpy(), spacing=(3.0, 1.0)) - 6.0) < 1e-6
+
+
+def test_proposals_that_bracket_the_reference_score_so_and_lie_closer_by_energy_distance():
+    reference = torch.zeros(32, 32, dtype=torch.bool)
+    reference[8:24, 8:24] = True
+    tight, generous = torch.zeros_like(reference), torch.zeros_like(reference)
+    tight[10:22, 10:22] = True
+    generous[6:26, 6:26] = True
+    around = torch.stack([tight, reference, generous])
+    assert bracketing(around, reference) == {"inside_generous": 1.0, "tightest_inside": 1.0}
+    off = torch.roll(around, shifts=12, dims=2)  # the same three answers, beside the organ
+    assert bracketing(off, reference)["inside_generous"] < 0.5
+    assert 0 <= generalized_energy_distance(around, reference) < generalized_energy_distance(off, reference)

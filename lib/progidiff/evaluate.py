@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .labels import ORGAN_IDS, load_class_map, to_schema
-from .metrics import dice, hd95
+from .metrics import bracketing, dice, generalized_energy_distance, hd95
 from .montage import save_montage
 from .predict import Predictor, load_volume
 from .prompts import parse_prompt
@@ -55,8 +55,9 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def score_proposals(proposals: VolumeProposals, label: np.ndarray, spacing: tuple[float, ...]) -> dict[str, dict]:
-    """Per organ: Dice of the consensus, of the best and the mean proposal, and the consensus's HD95 (mm)
-    against `label` (schema values, same grid as the proposals)."""
+    """Per organ: Dice of the consensus, of the best and the mean proposal, the consensus's HD95 (mm), whether
+    the proposals bracket the reference (`progidiff.metrics.bracketing`) and their generalized energy distance
+    to it, against `label` (schema values, same grid as the proposals)."""
     per_organ = {}
     for p, organ in enumerate(proposals.organs):
         reference = label == ORGAN_IDS[organ]
@@ -69,6 +70,8 @@ def score_proposals(proposals: VolumeProposals, label: np.ndarray, spacing: tupl
             "dice_best": round(max(scores), 4),
             "dice_mean": round(float(np.mean(scores)), 4),
             "hd95_consensus": _finite_or_none(hd95(consensus, reference, spacing)),
+            **{f"bracketing_{k}": round(v, 4) for k, v in bracketing(masks, reference).items()},
+            "ged": round(generalized_energy_distance(masks, reference), 4),
             "reference_voxels": int(reference.sum()),
         }
     return per_organ
