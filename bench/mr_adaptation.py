@@ -1,14 +1,20 @@
-"""Benchmark: few-shot MR adaptation of the CT model — LoRA vs full fine-tuning of the control branch.
+"""Benchmark: MR with the shipped adapter — the CT model vs the adapter vs full fine-tuning of the control branch.
 
-Cases:
-- real MR `../shared/data/mr_a` (TotalSegmentator MR ids): z-slices 0-9 adapt, 10-19 evaluate (blocks, so no
-  evaluated slice has a trained neighbour); LoRA on 1, 3 and all 10 adaptation slices;
-- MR-like phantoms: LoRA on 1 and 3 phantom volumes, evaluated on a fresh MR phantom.
-For each: consensus Dice per organ (the trainers' validation: N proposals, every other slice) of the CT
-model as is, of each LoRA, and of full fine-tuning of the control branch on all adaptation data (same
-steps); trainable parameters and CPU seconds.  Writes JSON and a PNG plot; prints a Markdown table.
+Cases, per organ:
+- real MR `../shared/data/mr_a`, its held-out z-slices (the adapter's recipe adapts on z 0-4 + 10-14 and leaves
+  out z 5-9 + 15-19: interleaved blocks put every organ in both halves; a single split at z 10 leaves the spleen
+  69 of its 1941 voxels to adapt on and the left kidney 15 voxels to be scored on);
+- fresh MR-like phantoms (seeds 6100…), which neither the adapter nor the fine-tuning saw.
+Rows:
+- `ct_model`: the bare CT model on the study as it is (what a user without an adapter gets);
+- `adapter`: `model/adapters/mr` (or `--adapter`), on the study rescaled as the adapter records;
+- `full_finetune`: the whole control branch (the base UNet frozen, as POST /train/progidiff) trained here on the
+  same slices with the same loss, normalisation, augmentation, steps and batch as the adapter's recipe.
+Scores: consensus Dice, best-of-N Dice and the consensus's HD95 (mm) of N proposals at the served defaults
+(N = 5, 1 step, seed 0) on every held-out slice; the share of full fine-tuning's gain over the CT model that the
+adapter recovers, per organ; trainable parameters and training minutes.  JSON beside a Markdown table.
 
-    .venv/bin/python bench/mr_adaptation.py --out bench/results/mr_adaptation.json
+    .venv/bin/python bench/mr_adaptation.py --threads 2
 """
 
 from __future__ import annotations
@@ -20,76 +26,89 @@ import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from progidiff import lora  # noqa: E402
-from progidiff.data import SliceDataset, Volume, load_volume_pair, phantom_volumes, split_slices  # noqa: E402
-from progidiff.model import ProGiDiffModel  # noqa: E402
-from progidiff.pipeline import prompt_encoder_for  # noqa: E402
-from progidiff.training import DiffusionTrainer, TrainConfig, train_on_volumes  # noqa: E402
+from progidiff import lora
+from progidiff.data import Volume, load_volume_pair, normalised, phantom_volumes, split_slices
+from progidiff.evaluate import score_proposals
+from progidiff.intensity import PercentileNormalisation, normalisation_for
+from progidiff.labels import ORGAN_IDS
+from progidiff.model import ProGiDiffModel
+from progidiff.pipeline import ProGiDiffPipeline
+from progidiff.train import parse_ranges
+from progidiff.training import TrainConfig, train_on_volumes
+from progidiff.volume import segment_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 MR_A = ROOT.parent / "shared" / "data" / "mr_a"
 ORGANS = ["liver", "spleen", "kidney_left", "kidney_right"]
+RECIPE_HOLD_OUT = "5:10,15:20"  # as in model/README.md's adapter recipe
 logger = logging.getLogger("bench.mr_adaptation")
 
 
-def evaluate(model: ProGiDiffModel, test: list[Volume], args: argparse.Namespace, work: Path) -> dict:
-    """The trainers' validation (consensus Dice with the real sampler) without training."""
-    config = TrainConfig(val_proposals=args.proposals, val_steps=args.sampling_steps, val_organs=",".join(ORGANS))
-    train_set = SliceDataset([(test, 1.0)], model.config.image_size, ORGANS)
-    return DiffusionTrainer(model, prompt_encoder_for(model), train_set, test, config, work).validate()
+def score(model: ProGiDiffModel, volumes: list[Volume], normalisation: PercentileNormalisation | None,
+          args: argparse.Namespace) -> dict:
+    """Per organ, over the volumes' slices together: consensus / best Dice and HD95 (mean over volumes)."""
+    pipeline = ProGiDiffPipeline.from_model(model, device="cpu", show_progress=False)
+    per_volume = []
+    for volume in volumes:
+        wanted = [o for o in ORGANS if (volume.label == ORGAN_IDS[o]).any()]
+        image = torch.from_numpy(normalised(volume, normalisation).image)
+        proposals = segment_volume(pipeline, image, wanted, args.proposals, args.sampling_steps, args.seed)
+        per_volume.append(score_proposals(proposals, volume.label, volume.spacing))
+    result = {}
+    for organ in ORGANS:
+        rows = [v[organ] for v in per_volume if organ in v]
+        hd = [r["hd95_consensus"] for r in rows if r["hd95_consensus"] is not None]
+        result[organ] = {"dice": round(sum(r["dice_consensus"] for r in rows) / len(rows), 4),
+                         "dice_best": round(sum(r["dice_best"] for r in rows) / len(rows), 4),
+                         "hd95": round(sum(hd) / len(hd), 1) if len(hd) == len(rows) else None}
+    return result
 
 
-def adapt(base_dir: Path, kind: str, volumes: list[Volume], test: list[Volume], args: argparse.Namespace,
-          work: Path) -> dict:
-    model = ProGiDiffModel.from_pretrained(base_dir)
-    model.config.organs = ORGANS
-    if kind == "lora":
-        lora.add_adapter(model, "mr", lora.LoraSettings(rank=args.rank, alpha=args.rank))
-        learning_rate = args.lora_lr
-    else:  # full fine-tuning of the control branch, base frozen (what POST /train/progidiff does)
-        model.unet.requires_grad_(False)
-        learning_rate = args.full_lr
+def model_size(model: ProGiDiffModel) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def with_adapter(args: argparse.Namespace) -> tuple[ProGiDiffModel, PercentileNormalisation | None, int]:
+    model = ProGiDiffModel.from_pretrained(args.model)
+    config = lora.load_adapter(model, args.adapter, "mr")
+    lora.activate(model, "mr")
+    trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    return model, PercentileNormalisation.from_dict(config.get("intensity")), trainable
+
+
+def full_finetune(adaptation: list[Volume], args: argparse.Namespace, work: Path) -> tuple[ProGiDiffModel, int, float]:
+    model = ProGiDiffModel.from_pretrained(args.model)
+    model.unet.requires_grad_(False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-    config = TrainConfig(max_steps=args.steps, learning_rate=learning_rate, val_every=0, checkpoint_every=0,
-                         val_proposals=args.proposals, val_steps=args.sampling_steps, val_organs=",".join(ORGANS),
-                         batch_size=args.batch_size)
+    config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.full_lr, val_every=0,
+                         checkpoint_every=0, balanced_anatomy=True)
     started = time.time()
-    result = train_on_volumes(model, volumes, test, config, work)
-    return {"dice": result["dice"], "mean_dice": result["mean_dice"], "trainable_parameters": trainable,
-            "trainable_share": round(trainable / total, 5), "train_seconds": round(time.time() - started, 1)}
+    train_on_volumes(model, adaptation, [], config, work, bias_field=True)
+    return model, trainable, (time.time() - started) / 60
 
 
-def run_case(name: str, base_dir: Path, shots: dict[str, list[Volume]], full: list[Volume], test: list[Volume],
-             args: argparse.Namespace, work: Path) -> dict:
-    rows = {"ct_model": {**evaluate(ProGiDiffModel.from_pretrained(base_dir), test, args, work / "eval"),
-                         "trainable_parameters": 0, "train_seconds": 0.0}}
-    for label, volumes in shots.items():
-        rows[f"lora_{label}"] = adapt(base_dir, "lora", volumes, test, args, work / f"lora_{label}")
-        logger.info("%s lora_%s: %.3f", name, label, rows[f"lora_{label}"]["mean_dice"])
-    rows["full_finetune"] = adapt(base_dir, "full", full, test, args, work / "full")
-    gain_full = rows["full_finetune"]["mean_dice"] - rows["ct_model"]["mean_dice"]
-    best_lora = max((r for k, r in rows.items() if k.startswith("lora_")), key=lambda r: r["mean_dice"])
-    recovered = (best_lora["mean_dice"] - rows["ct_model"]["mean_dice"]) / gain_full if gain_full > 0 else None
-    return {"case": name, "rows": rows, "lora_gain_recovered": recovered}
+def recovered(ct: dict, adapter: dict, full: dict) -> dict:
+    """Per organ: the share of full fine-tuning's gain over the CT model that the adapter recovers."""
+    out = {}
+    for organ in ORGANS:
+        gain = full[organ]["dice"] - ct[organ]["dice"]
+        out[organ] = round((adapter[organ]["dice"] - ct[organ]["dice"]) / gain, 3) if gain > 0.01 else None
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "model" / "progidiff_ct")
-    parser.add_argument("--steps", type=int, default=200, help="training steps of every adaptation")
+    parser.add_argument("--adapter", type=Path, default=ROOT / "model" / "adapters" / "mr")
+    parser.add_argument("--steps", type=int, default=1200, help="full fine-tuning steps (the adapter recipe's)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--full-lr", type=float, default=1e-4)
-    parser.add_argument("--proposals", type=int, default=3)
-    parser.add_argument("--sampling-steps", type=int, default=5)
+    parser.add_argument("--phantoms", type=int, default=2, help="fresh MR phantoms scored (seeds 6100…)")
+    parser.add_argument("--proposals", type=int, default=5)
+    parser.add_argument("--sampling-steps", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "mr_adaptation.json")
     args = parser.parse_args()
@@ -97,55 +116,52 @@ def main() -> None:
     logging.getLogger("progidiff").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not MR_A.is_dir():
+        raise SystemExit(f"{MR_A} is absent: the bench scores the real MR's held-out block")
     started = time.time()
-    cases = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        if MR_A.is_dir():
-            volume = load_volume_pair(MR_A / "image.nii.gz", MR_A / "label.nii.gz", "total_mr", spacing=3.0)
-            adaptation, held_out = split_slices(volume, range(10, volume.image.shape[2]))
-            middle = adaptation.image.shape[2] // 2
-            one, _ = split_slices(adaptation, [z for z in range(adaptation.image.shape[2]) if z != middle])
-            three, _ = split_slices(adaptation, [z for z in range(adaptation.image.shape[2]) if z not in (2, 5, 8)])
-            cases.append(run_case("mr_a (real MR), z 10-19 held out", args.model,
-                                  {"1_slice": [one], "3_slices": [three], "10_slices": [adaptation]},
-                                  [adaptation], [held_out], args, work / "mr_a"))
-        else:
-            logger.warning("%s is absent: the real-MR case is skipped", MR_A)
-        phantoms = phantom_volumes(3, 6000, "mr")
-        test = phantom_volumes(1, 6100, "mr")
-        cases.append(run_case("MR phantoms, fresh phantom 6100", args.model,
-                              {"1_volume": phantoms[:1], "3_volumes": phantoms}, phantoms, test, args, work / "phantoms"))
+    study = load_volume_pair(MR_A / "image.nii.gz", MR_A / "label.nii.gz", "total_mr", spacing=3.0)
+    adaptation, held_out = split_slices(study, parse_ranges(RECIPE_HOLD_OUT))
+    cases = {"mr_a held-out block (z 5-9, 15-19)": [held_out],
+             f"fresh MR phantoms ({args.phantoms})": phantom_volumes(args.phantoms, 6100, "mr")}
+
+    adapted, adapter_normalisation, adapter_trainable = with_adapter(args)
+    with tempfile.TemporaryDirectory() as work:
+        full, full_trainable, full_minutes = full_finetune([normalised(adaptation, normalisation_for("MR"))], args,
+                                                           Path(work))
+    logger.info("full fine-tuning: %.1f min", full_minutes)
+    ct = ProGiDiffModel.from_pretrained(args.model)
+    size = model_size(ct)
     results = {"command": "python bench/mr_adaptation.py " + " ".join(
-                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "model")),
-               "model": str(args.model), "cases": cases, "torch_threads": torch.get_num_threads(),
-               "minutes": round((time.time() - started) / 60, 1)}
+                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "model", "adapter")),
+               "model": str(args.model), "adapter": str(args.adapter), "model_parameters": size,
+               "adapter_trainable": adapter_trainable, "adapter_share": round(adapter_trainable / size, 4),
+               "full_trainable": full_trainable, "full_share": round(full_trainable / size, 4),
+               "full_minutes": round(full_minutes, 1), "torch_threads": torch.get_num_threads(), "cases": {}}
+    for name, volumes in cases.items():
+        rows = {"ct_model": score(ct, volumes, None, args),
+                "adapter": score(adapted, volumes, adapter_normalisation, args),
+                "full_finetune": score(full, volumes, normalisation_for("MR"), args)}
+        results["cases"][name] = {"rows": rows, "adapter_recovers": recovered(rows["ct_model"], rows["adapter"],
+                                                                              rows["full_finetune"])}
+        logger.info("%s: %s", name, json.dumps(results["cases"][name]))
+    results["minutes"] = round((time.time() - started) / 60, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    plot(results, args.out.with_suffix(".png"))
-    print("| case | setting | " + " | ".join(ORGANS) + " | mean | trainable params (share) | train s |")
-    print("|---|---|" + "---|" * (len(ORGANS) + 3))
-    for case in cases:
-        for setting, row in case["rows"].items():
-            dice = " | ".join(f"{row['dice'].get(o, float('nan')):.3f}" for o in ORGANS)
-            share = f"{row['trainable_parameters']} ({100 * row.get('trainable_share', 0):.2f} %)"
-            print(f"| {case['case']} | {setting} | {dice} | {row['mean_dice']:.3f} | {share} | {row['train_seconds']:.0f} |")
-        recovered = case["lora_gain_recovered"]
-        print(f"| {case['case']} | best LoRA recovers | {'–' if recovered is None else f'{100 * recovered:.0f} %'} "
-              "of full fine-tuning's gain |" + " |" * (len(ORGANS) + 2))
+    print(table(results))
 
 
-def plot(results: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, len(results["cases"]), figsize=(5 * len(results["cases"]), 3.5), squeeze=False)
-    for ax, case in zip(axes[0], results["cases"]):
-        names = list(case["rows"])
-        ax.bar(range(len(names)), [case["rows"][n]["mean_dice"] for n in names], color="tab:blue")
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_ylim(0, 1)
-        ax.set_title(case["case"], fontsize=9)
-        ax.set_ylabel("mean consensus Dice")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def table(results: dict) -> str:
+    lines = ["| case | model | " + " | ".join(ORGANS) + " | trainable (share) |", "|---|---|" + "---|" * (len(ORGANS) + 1)]
+    trainable = {"ct_model": "0", "adapter": f"{results['adapter_trainable']} ({100 * results['adapter_share']:.1f} %)",
+                 "full_finetune": f"{results['full_trainable']} ({100 * results['full_share']:.1f} %)"}
+    for name, case in results["cases"].items():
+        for row, scores in case["rows"].items():
+            cells = " | ".join(f"{s['dice']:.3f} ({s['dice_best']:.3f}; {s['hd95'] if s['hd95'] is not None else '–'} mm)"
+                               for s in (scores[o] for o in ORGANS))
+            lines.append(f"| {name} | {row} | {cells} | {trainable[row]} |")
+        shares = " | ".join("–" if v is None else f"{100 * v:.0f} %" for v in case["adapter_recovers"].values())
+        lines.append(f"| {name} | adapter recovers of full fine-tuning's gain | {shares} | |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
