@@ -155,3 +155,13 @@ def test_an_mr_adapter_reads_each_study_rescaled_so_the_scanners_scale_does_not_
     assert a.any() and agreement(a, b) > 0.999  # rescaled per study: the same answer from either scanner
     ct_a, ct_b = labels("CT")  # the bare CT model reads intensities as they are (HU)
     assert agreement(ct_a, ct_b) < 0.99
+
+
+def test_a_fresh_clone_serves_mr_with_the_shipped_adapter():
+    """The served model folder with the shipped `model/adapters/mr`: the sample MR study gets the adapter, and no
+    organ volume outside the adult ranges (a CT-only folder answers with a warning: the test above)."""
+    task = infer_task(ROOT / "model" / "progidiff_ct")
+    mr = ROOT / "sample-datasets" / "mr" / "phantom_000_mr.nii.gz"
+    _, result = task({**REQUEST, "image": str(mr), "prompt": "liver, spleen, left kidney", "num_proposals": 3})
+    assert (result["modality"], result["adapter"]) == ("MR", "mr")
+    assert result["warnings"] == [] and result["organ_stats"]["liver"]["consensus_volume_ml"] > 0
