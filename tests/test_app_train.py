@@ -60,7 +60,7 @@ def put_label(server: Server, image: str, label: np.ndarray, affine: np.ndarray,
 
 def test_put_label_train_publish_and_serve(server):
     # An annotator saves a label with the viewer's own ids (liver = 7 here), by name.
-    phantom = make_phantom(2)  # phantom_002 of the sample set, unlabelled there
+    phantom = make_phantom(2, slice_mm=3.0)  # phantom_002 of the sample set (3 mm slices), unlabelled there
     liver = (phantom.label == ORGAN_IDS["liver"]).astype(np.uint8) * 7
     put_label(server, "phantom_002", liver, phantom.affine, [{"name": "Liver", "idx": 7}])
     info = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30).json()

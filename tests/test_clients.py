@@ -45,11 +45,13 @@ def server(tmp_path_factory):
     (studies / "labels" / "final").mkdir(parents=True)
     image = nib.load(ROOT / "sample-datasets" / "ct" / "phantom_000.nii.gz")
     label = nib.load(ROOT / "sample-datasets" / "ct" / "labels" / "final" / "phantom_000.nii.gz")
+    reference = np.asarray(label.dataobj).astype(np.uint8)
+    area = np.stack([(reference == ORGAN_IDS[o]).sum(axis=(0, 1)) for o in JUDGED])  # [organ, z]
+    first = int(np.argmax([area[:, z : z + 6].sum(axis=1).min() for z in range(reference.shape[2] - 5)]))
     affine = image.affine.copy()
-    affine[:3, 3] += affine[:3, 2] * 20  # slices 20..25
-    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, 20:26], affine), studies / f"{IMAGE}.nii.gz")
-    nib.save(nib.Nifti1Image(np.asarray(label.dataobj)[:, :, 20:26].astype(np.uint8), affine),
-             work / "reference.nii.gz")
+    affine[:3, 3] += affine[:3, 2] * first  # the six slices where the judged organs are largest together
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, first : first + 6], affine), studies / f"{IMAGE}.nii.gz")
+    nib.save(nib.Nifti1Image(reference[:, :, first : first + 6], affine), work / "reference.nii.gz")
     conf = {"model_path": str(ROOT / "model" / "progidiff_ct"), "num_proposals": "2", "steps": "1",
             "train_dir": str(work / "runs")}
     with Server(studies, conf, work) as running:

@@ -14,7 +14,7 @@ from progidiff import evaluate, segment
 from progidiff.data import SliceDataset, load_volume_pair, phantom_volumes
 from progidiff.labels import ORGAN_IDS, load_class_map, organs_present, to_schema
 from progidiff.model import ProGiDiffModel
-from progidiff.phantoms import PHANTOM_ORGANS, make_phantom, write_sample_set
+from progidiff.phantoms import PHANTOM_ORGANS, SLICE_MM, make_phantom, write_sample_set
 from progidiff.training import DiffusionTrainer, TrainConfig, boundary_shift, jitter_boundaries
 
 TINY_ORGANS = ["liver", "spleen", "kidney_left", "aorta"]
@@ -47,7 +47,8 @@ def test_sample_set_files_share_geometry(tmp_path):
     mr = nib.load(tmp_path / "mr" / "phantom_007_mr.nii.gz")
     assert image.shape == label.shape == mr.shape
     assert np.allclose(image.affine, label.affine) and np.allclose(image.affine, mr.affine)
-    assert np.allclose(np.abs(np.diag(image.affine))[:3], 3.0)
+    assert np.allclose(np.abs(np.diag(image.affine))[:2], 3.0)  # the model's in-plane spacing
+    assert abs(image.affine[2, 2]) in SLICE_MM  # slices as a scanner reconstructs them
 
 
 # ---- label schema ---------------------------------------------------------------------------------

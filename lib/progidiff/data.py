@@ -4,12 +4,15 @@ Volumes are read with MONAI (LoadImage → channel first → RAS orientation →
 labels mapped into the schema by organ name, and kept in memory (they are small at 3 mm).  A
 sample is a random slice, a random organ phrase (a synonym half of the time, an organ *absent*
 from the slice a quarter of the time, whose target is an empty mask) and MONAI 2D augmentation.
-No left-right flips: they would swap "left kidney" and "right kidney".
+No left-right flips: they would swap "left kidney" and "right kidney".  A slice of a real non-contrast CT
+is moved to a random contrast phase a share of the time (`progidiff.contrast.simulate_phase`), so that
+the one real patient is also seen the way users' enhanced scans show anatomy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import random
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 from monai import transforms as mt
 
+from . import contrast
 from .geometry import to_square
 from .intensity import PercentileNormalisation
 from .labels import ORGAN_IDS, load_class_map, organs_present, to_schema
@@ -34,6 +38,7 @@ class Volume:
     label: np.ndarray
     name: str
     spacing: tuple[float, float, float]
+    unenhanced_ct: bool = False  # a real non-contrast CT in HU: its slices may be moved to other phases
 
     def slice_organs(self, z: int) -> list[str]:
         return organs_present(self.label[:, :, z], min_voxels=4)
@@ -47,7 +52,8 @@ def load_volume_pair(
 ) -> Volume:
     """Read image + label through MONAI (RAS, optional in-plane resampling) and map the label by name.
 
-    `label_map`: "schema", "total", "total_mr", a JSON file, or an id → name dict.
+    `label_map`: "schema", "total", "total_mr", a JSON file, or an id → name dict.  A volume whose labelled
+    aorta reads as non-contrast CT is marked `unenhanced_ct` (`contrast.is_unenhanced`).
     """
     steps = loading_transforms(["image", "label"], spacing, label_keys=("label",))
     data = mt.Compose(steps)({"image": str(image_path), "label": str(label_path)})
@@ -58,7 +64,8 @@ def load_volume_pair(
     elif label_map != "schema":
         label = to_schema(label, load_class_map(label_map, Path(label_path)))
     pixdim = tuple(float(v) for v in data["image"].pixdim[:3])
-    return Volume(image=image, label=label.astype(np.uint8), name=Path(image_path).name, spacing=pixdim)
+    return Volume(image=image, label=label.astype(np.uint8), name=Path(image_path).name, spacing=pixdim,
+                  unenhanced_ct=contrast.is_unenhanced(image, label, ORGAN_IDS["aorta"]))
 
 
 def normalised(volume: Volume, normalisation: PercentileNormalisation | None) -> Volume:
@@ -68,20 +75,29 @@ def normalised(volume: Volume, normalisation: PercentileNormalisation | None) ->
     return dataclasses.replace(volume, image=normalisation(volume.image))
 
 
-def phantom_volumes(count: int, seed: int, modality: str = "ct") -> list[Volume]:
-    volumes = []
-    for i in range(count):
-        p = make_phantom(seed + i)
-        image = (p.ct if modality == "ct" else p.mr).astype(np.float32)
-        volumes.append(Volume(image, p.label, f"phantom_{seed + i}", tuple(np.diag(p.affine)[:3])))
-    return volumes
+def phantom_volume(seed: int, modality: str = "ct", phase: str | None = None) -> Volume:
+    p = make_phantom(seed, phase=phase)
+    image = (p.ct if modality == "ct" else p.mr).astype(np.float32)
+    return Volume(image, p.label, f"phantom_{seed}", tuple(np.diag(p.affine)[:3]))
+
+
+def phantom_volumes(count: int, seed: int, modality: str = "ct", phases: list[str] | None = None,
+                    workers: int = 1) -> list[Volume]:
+    """`count` phantoms from `seed` on; `phases`: each one's contrast phase in turn (default: drawn).
+    `workers` > 1 makes them in that many processes (a phantom takes 1-3 s; the same volumes either way)."""
+    jobs = [(seed + i, modality, phases[i % len(phases)] if phases else None) for i in range(count)]
+    if workers <= 1 or count < 2 * workers:
+        return [phantom_volume(*job) for job in jobs]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return pool.starmap(phantom_volume, jobs, chunksize=4)
 
 
 def split_slices(volume: Volume, held_out: Collection[int]) -> tuple[Volume, Volume]:
     """(training part, held-out z-block) of one volume: a block, so neighbours of a test slice never train."""
     keep = [z for z in range(volume.image.shape[2]) if z not in held_out]
     out = [z for z in range(volume.image.shape[2]) if z in held_out]
-    part = lambda zs, tag: Volume(volume.image[:, :, zs], volume.label[:, :, zs], f"{volume.name}[{tag}]", volume.spacing)  # noqa: E731
+    part = lambda zs, tag: dataclasses.replace(  # noqa: E731
+        volume, image=volume.image[:, :, zs], label=volume.label[:, :, zs], name=f"{volume.name}[{tag}]")
     return part(keep, "train"), part(out, "held-out")
 
 
@@ -130,8 +146,11 @@ class SliceDataset(torch.utils.data.Dataset):
         length: int = 10**9,
         seed: int = 0,
         bias_field: bool = False,
+        contrast_rate: float = 0.0,
     ):
+        """`contrast_rate`: share of the samples from `unenhanced_ct` volumes moved to an enhanced phase."""
         self.groups = [(volumes, weight) for volumes, weight in groups if volumes]
+        self.contrast_rate = contrast_rate
         self.image_size = image_size
         self.organs = organs
         self.negative_rate = negative_rate
@@ -161,7 +180,12 @@ class SliceDataset(torch.utils.data.Dataset):
         absent = [o for o in self.organs if ORGAN_IDS[o] not in in_slice]
         negative = bool(absent) and self.rng.random() < self.negative_rate
         organ = self.rng.choice(absent if negative else present)
-        image = torch.from_numpy(volume.image[None, None, :, :, z].copy())
+        image = volume.image[:, :, z]
+        if volume.unenhanced_ct and self.rng.random() < self.contrast_rate:
+            phase = self.rng.choice(contrast.PHASES[1:])
+            image = contrast.simulate_phase(image, volume.label[:, :, z], ORGAN_IDS, phase,
+                                            np.random.default_rng(self.rng.getrandbits(32)), volume.spacing[0])
+        image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None, None])
         label = torch.from_numpy(volume.label[None, None, :, :, z].astype(np.float32))
         image = to_square(image, self.image_size)[0]
         label = to_square(label, self.image_size, mode="nearest")[0]

@@ -6,6 +6,8 @@
 
 PATH may be a NIfTI/NRRD file or a DICOM series folder.  Scores are computed in the model's frame (RAS,
 model spacing); `--slices` restricts them to a z-block (e.g. the held-out slices of a training volume).
+`--simulate-phase` first moves a non-contrast CT to a contrast phase (`progidiff.contrast`), to score a model
+on enhanced anatomy where the only labelled patient was scanned without contrast.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import contrast
 from .labels import ORGAN_IDS, load_class_map, to_schema
 from .metrics import bracketing, dice, generalized_energy_distance, hd95
 from .montage import save_montage
@@ -45,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample only slices where the scan encoder sees the organ (0: every slice)")
     p.add_argument("--slices", type=parse_ranges, default=None, metavar="Z0:Z1[,Z2:Z3]",
                    help="score only these z-slices")
+    p.add_argument("--simulate-phase", choices=contrast.PHASES[1:], default=None,
+                   help="move a non-contrast CT to this contrast phase before scoring (its labels decide where)")
+    p.add_argument("--phase-seed", type=int, default=0, help="the draw of tissue values for --simulate-phase")
     p.add_argument("--out", type=Path, required=True, help="result JSON; the montage PNG goes beside it")
     return p
 
@@ -88,19 +94,25 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.label_map != "schema":
         label = to_schema(label, load_class_map(args.label_map, args.label))
     zs = list(args.slices or range(image.shape[2]))
-    image, label = image[:, :, zs], label[:, :, zs]
-    proposals = predictor.segment(image.as_tensor(), organs, args.proposals, args.steps, args.seed)
+    image, label = np.asarray(image[:, :, zs], dtype=np.float32), label[:, :, zs]
+    if args.simulate_phase:
+        if not contrast.is_unenhanced(image, label, ORGAN_IDS["aorta"]):
+            raise SystemExit(f"--simulate-phase needs a non-contrast CT with a labelled aorta; {args.image} is not one")
+        image = contrast.simulate_phase(image, label, ORGAN_IDS, args.simulate_phase,
+                                        np.random.default_rng(args.phase_seed), loaded.voxel_spacing[0])
+    proposals = predictor.segment(torch.from_numpy(image), organs, args.proposals, args.steps, args.seed)
     per_organ = score_proposals(proposals, label, loaded.voxel_spacing)
     for p, organ in enumerate(organs):
         if p == 0 or organ == "liver":
             probabilities = proposals.organ_probabilities(p).numpy()
-            save_montage(args.out.with_name(f"{args.out.stem}_{organ}.png"), np.asarray(image), probabilities,
+            save_montage(args.out.with_name(f"{args.out.stem}_{organ}.png"), image, probabilities,
                          probabilities.std(axis=0), label == ORGAN_IDS[organ], title=f"{args.model.name}: {organ}")
     result = {
         "model": str(args.model),
         "model_kind": predictor.kind,
         "image": str(args.image),
         "slices": zs,
+        "simulated_phase": args.simulate_phase,
         "proposals": args.proposals if predictor.kind == "progidiff" else 1,
         "steps": args.steps,
         "seed": args.seed,

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hold-out", type=parse_ranges, default=None, metavar="Z0:Z1[,Z2:Z3]",
                    help="z-slices of each --volume kept for validation (e.g. 10:18, or 5:10,15:20)")
     p.add_argument("--real-weight", type=float, default=0.35, help="share of samples drawn from --volume data")
+    p.add_argument("--contrast-rate", type=float, default=0.0,
+                   help="share of the samples from a real non-contrast CT --volume moved to a random contrast "
+                        "phase (progidiff.contrast); 0: as scanned")
     p.add_argument("--organs", default="", help="comma list of schema organs (default: all)")
     p.add_argument("--init-from", type=Path, default=None, help="start from this model folder")
     p.add_argument("--spacing-mm", type=float, default=3.0, help="in-plane spacing volumes are resampled to")
@@ -140,7 +143,8 @@ def process_device(requested: str) -> torch.device:
 def load_data(args: argparse.Namespace) -> tuple[list[Volume], list[Volume], list[Volume]]:
     """(phantom training volumes, real training volumes, validation volumes)."""
     normalisation = normalisation_for(args.modality)
-    phantoms = phantom_volumes(args.phantoms, args.phantom_seed, args.modality) if args.phantoms else []
+    phantoms = phantom_volumes(args.phantoms, args.phantom_seed, args.modality, workers=os.cpu_count() or 1) \
+        if args.phantoms else []
     val = phantom_volumes(args.val_phantoms, args.phantom_seed + 100000, args.modality) if args.val_phantoms else []
     phantoms, val = [normalised(v, normalisation) for v in phantoms], [normalised(v, normalisation) for v in val]
     real = []
@@ -167,13 +171,14 @@ def main(argv: list[str] | None = None) -> dict:
     phantoms, real, val = load_data(args)
     if not phantoms and not real:
         raise SystemExit("nothing to train on: give --phantoms N and/or --volume IMAGE LABEL MAP")
-    logger.info("data: %d phantoms, %d real volumes, %d validation volumes (%.0f s)",
-                len(phantoms), len(real), len(val), time.time() - start)
+    logger.info("data: %d phantoms, %d real volumes (%d non-contrast CT), %d validation volumes (%.0f s)",
+                len(phantoms), len(real), sum(v.unenhanced_ct for v in real), len(val), time.time() - start)
 
     device = process_device(args.device)
     config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
     groups = [(phantoms, 1.0 - args.real_weight if real else 1.0), (real, args.real_weight if phantoms else 1.0)]
-    train_set = SliceDataset(groups, args.image_size, organs, seed=config.seed, bias_field=args.modality != "ct")
+    train_set = SliceDataset(groups, args.image_size, organs, seed=config.seed, bias_field=args.modality != "ct",
+                             contrast_rate=args.contrast_rate)
     trainer = build_trainer(args, organs, (train_set, val, config, args.out), device)
     trainer.resume()
     first_step, fit_started = trainer.step, time.time()
