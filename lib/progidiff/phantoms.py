@@ -222,8 +222,7 @@ def paint_body(p: Painter) -> None:
 
 
 def paint_spine_and_muscles(p: Painter) -> None:
-    canvas, rng = p.canvas, p.patient.rng
-    vertebra_value = ORGAN_IDS["vertebrae"]
+    canvas = p.canvas
     y_body, rx, ry = -48.0, 22.0, 17.0
     for name, zc in VERTEBRAE.items():
         lumbar = name.startswith("L") or name == "S1"
@@ -299,7 +298,7 @@ def paint_ribs(p: Painter) -> None:
 
 def paint_bowel(p: Painter) -> None:
     """Colon framing the abdomen (haustra, stool, gas) and small-bowel loops in the middle (fluid, some gas)."""
-    canvas, rng = p.canvas, p.patient.rng
+    rng = p.patient.rng
     colon = wobble(rng, [(85, 0, -95), (95, -10, -30), (95, -5, 25), (78, 30, 48), (40, 62, 20), (0, 68, 5),
                          (-45, 62, 25), (-85, 20, 78), (-95, -10, 40), (-95, -15, -20), (-80, 10, -80),
                          (-40, 30, -105)], 6)
