@@ -51,7 +51,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     ema_decay: float = 0.995
     anatomy_weight: float = 1.0  # weight of the scan encoder's deterministic anatomy loss
-    balanced_anatomy: bool = False  # anatomy BCE averaged per organ over its inside and outside (see anatomy_loss)
+    balanced_anatomy: bool = False  # anatomy BCE averaged per organ over its inside and outside (see anatomy_loss);
+    # the baseline's loss too, so that both models of a comparison learn small organs the same way
     mask_weight: float = 1.0  # weight of the soft Dice of the predicted clean mask (x0-prediction, pixel space)
     low_noise_bias: float = 0.0  # >0 samples timesteps more often near t=0 (sharper final steps)
     encoder_steps: int = 0  # the first steps train only the scan encoder, as a deterministic segmenter
@@ -77,7 +78,9 @@ def anatomy_loss(logits: torch.Tensor, label: torch.Tensor, balanced: bool = Fal
     mean over every pixel.  Adapting to a new modality needs it: the CT model's organ logits sit far below
     zero on MR (≈ −30 for spleen and kidneys on `mr_a`), where the soft Dice's gradient vanishes and a
     pixel-mean BCE gives a small organ's few pixels almost no say beside the liver's; with it, every organ
-    present pulls as hard as the liver (measured in model/README.md, "MR adapter").
+    present pulls as hard as the liver (measured in model/README.md, "MR adapter").  Small organs on CT need it
+    as much: trained with the pixel-mean BCE, the default recipe's pancreas and duodenum logits stayed below −5
+    on every pixel (model/README.md, "Why the balanced anatomy loss").
     """
     one_hot = torch.stack([(label[:, 0] == v).float() for v in ORGAN_IDS.values()], dim=1)
     target = F.interpolate(one_hot, size=logits.shape[-2:], mode="area")
@@ -452,7 +455,7 @@ class BaselineTrainer(Trainer):
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         logits = self.model(batch["image"].to(self.device))
-        return {"loss": anatomy_loss(logits, batch["label"].to(self.device))}
+        return {"loss": anatomy_loss(logits, batch["label"].to(self.device), self.config.balanced_anatomy)}
 
     def predict(self, images: torch.Tensor, organs: list[str]) -> torch.Tensor:
         return self.model.predict(images, organs)
