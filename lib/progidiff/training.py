@@ -51,7 +51,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     ema_decay: float = 0.995
     anatomy_weight: float = 1.0  # weight of the scan encoder's deterministic anatomy loss
-    balanced_anatomy: bool = False  # anatomy BCE averaged per organ over its inside and outside (see anatomy_loss);
+    balanced_anatomy: bool = True  # anatomy BCE averaged per organ over its inside and outside (see anatomy_loss);
     # the baseline's loss too, so that both models of a comparison learn small organs the same way
     mask_weight: float = 1.0  # weight of the soft Dice of the predicted clean mask (x0-prediction, pixel space)
     low_noise_bias: float = 0.0  # >0 samples timesteps more often near t=0 (sharper final steps)

@@ -46,9 +46,10 @@ _OWN_LOOP = "ProGiDiffTrain.train runs progidiff.training.DiffusionTrainer, not 
 
 
 class ProGiDiffTrain(BasicTrainTask):
-    # Adapting to another modality (the LoRA task) trains the anatomy read-out with a per-organ balanced loss and
-    # shading augmentation (progidiff.training.anatomy_loss, progidiff.data.augmentation); fine-tuning on CT does not.
-    balanced_anatomy = False
+    # The anatomy read-out is trained with the per-organ balanced loss the default model was trained with
+    # (progidiff.training.anatomy_loss: small organs learn); adapting to another modality (the LoRA task) also
+    # adds MR shading to the augmentation (progidiff.data.augmentation); fine-tuning on CT does not.
+    balanced_anatomy = True
     bias_field = False
 
     def __init__(self, model_path: str | Path, run_dir: str | Path, settings: Any,

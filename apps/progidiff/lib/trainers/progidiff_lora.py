@@ -34,7 +34,6 @@ SERVED = "served"  # name under which the published adapter is loaded to validat
 
 
 class ProGiDiffLoraTrain(ProGiDiffTrain):
-    balanced_anatomy = True
     bias_field = True
 
     def __init__(self, model_path: str | Path, adapters_path: str | Path, run_dir: str | Path, settings: Any,
