@@ -22,8 +22,8 @@ SAMPLE = ROOT / "sample-datasets" / "ct"
 
 def label_file(tmp_path, value: int):
     path = tmp_path / f"label_{value}.nii.gz"
-    affine = nib.load(SAMPLE / "phantom_002.nii.gz").affine  # on the image's grid
-    nib.save(nib.Nifti1Image(np.full((128, 104, 40), value, dtype=np.uint8), affine), path)
+    image = nib.load(SAMPLE / "phantom_002.nii.gz")  # on the image's grid
+    nib.save(nib.Nifti1Image(np.full(image.shape, value, dtype=np.uint8), image.affine), path)
     return path
 
 

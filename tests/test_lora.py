@@ -79,7 +79,7 @@ def test_the_cli_trains_an_adapter_alone_and_records_the_mr_normalisation(tmp_pa
     record = train.main(["--out", str(tmp_path / "run"), "--init-from", str(model_dir), "--lora", "mr",
                          "--lora-rank", "4", "--modality", "mr", "--image-size", "32",
                          "--volume", str(mr / "phantom_000_mr.nii.gz"), str(mr / "labels" / "final" / "phantom_000_mr.nii.gz"),
-                         "schema", "--hold-out", "10:12,20:22", "--val-phantoms", "0", "--balanced-anatomy",
+                         "schema", "--hold-out", "30:32,40:42", "--val-phantoms", "0", "--balanced-anatomy",
                          "--max-steps", "3", "--batch-size", "2", "--val-every", "0", "--val-proposals", "1",
                          "--val-steps", "1", "--val-organs", "liver"])
     adapter = tmp_path / "run" / "adapter"
