@@ -27,9 +27,10 @@ import torch
 
 from progidiff import contrast
 from progidiff.evaluate import score_proposals
-from progidiff.labels import ORGAN_IDS, load_class_map, to_schema
+from progidiff.data import load_volume_pair
+from progidiff.labels import ORGAN_IDS
 from progidiff.phantoms import make_phantom
-from progidiff.predict import Predictor, load_volume
+from progidiff.predict import Predictor
 from progidiff.volume import DEFAULT_SCREEN_THRESHOLD, VolumeProposals
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,13 +43,12 @@ MIRRORED = {"kidney_left": "kidney_right", "kidney_right": "kidney_left",
 def cases() -> list[tuple[str, np.ndarray, np.ndarray, tuple[float, ...]]]:
     found = []
     if (SHARED / "ct_a").is_dir():
-        loaded = load_volume(SHARED / "ct_a" / "image.nii.gz", 3.0, label=SHARED / "ct_a" / "label.nii.gz")
-        image = np.asarray(loaded.image[0], dtype=np.float32)[:, :, 10:18]
-        label = to_schema(np.asarray(loaded.data["label"][0]).astype(np.int64), load_class_map("total", SHARED / "ct_a" / "label.nii.gz"))[:, :, 10:18]
-        found.append(("ct_a held-out, non-contrast", image, label, loaded.voxel_spacing))
+        volume = load_volume_pair(SHARED / "ct_a" / "image.nii.gz", SHARED / "ct_a" / "label.nii.gz", "total", spacing=3.0)
+        image, label = volume.image[:, :, 10:18], volume.label[:, :, 10:18]
+        found.append(("ct_a held-out, non-contrast", image, label, volume.spacing))
         for phase in ("portal-venous", "arterial"):
             moved = contrast.simulate_phase(image, label, ORGAN_IDS, phase, np.random.default_rng(0))
-            found.append((f"ct_a held-out, {phase} (simulated)", moved, label, loaded.voxel_spacing))
+            found.append((f"ct_a held-out, {phase} (simulated)", moved, label, volume.spacing))
     for seed, phase in ((9102, "portal-venous"), (9103, "arterial")):
         p = make_phantom(seed, phase=phase, slice_mm=3.0)
         block = pancreas_block(p.label)

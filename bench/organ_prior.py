@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from progidiff import contrast
 from progidiff.geometry import from_square, to_square
-from progidiff.labels import ORGAN_IDS, load_class_map, to_schema
+from progidiff.data import load_volume_pair
+from progidiff.labels import ORGAN_IDS
 from progidiff.metrics import dice
 from progidiff.model import ProGiDiffModel
-from progidiff.predict import load_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 CT_A = ROOT.parent / "shared" / "data" / "ct_a"
@@ -31,9 +31,8 @@ ORGANS = ["liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas
 
 
 def held_out_block() -> tuple[np.ndarray, np.ndarray]:
-    loaded = load_volume(CT_A / "image.nii.gz", 3.0, label=CT_A / "label.nii.gz")
-    label = to_schema(np.asarray(loaded.data["label"][0]).astype(np.int64), load_class_map("total", CT_A / "label.nii.gz"))
-    return np.asarray(loaded.image[0], dtype=np.float32)[:, :, 10:18], label[:, :, 10:18]
+    volume = load_volume_pair(CT_A / "image.nii.gz", CT_A / "label.nii.gz", "total", spacing=3.0)
+    return volume.image[:, :, 10:18], volume.label[:, :, 10:18]
 
 
 @torch.no_grad()
