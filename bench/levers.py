@@ -33,7 +33,7 @@ from progidiff import contrast
 from progidiff.data import load_volume_pair
 from progidiff.evaluate import score_proposals
 from progidiff.labels import ORGAN_IDS
-from progidiff.phantoms import make_phantom
+from progidiff.phantoms import make_phantom, pancreas_block
 from progidiff.predict import Predictor
 from progidiff.volume import DEFAULT_SCREEN_THRESHOLD, VolumeProposals
 
@@ -59,13 +59,6 @@ def cases() -> list[tuple[str, np.ndarray, np.ndarray, tuple[float, ...]]]:
         found.append((f"phantom {seed}, {phase}, z {block.start}-{block.stop - 1}",
                       p.ct[:, :, block].astype(np.float32), p.label[:, :, block], (3.0, 3.0, 3.0)))
     return found
-
-
-def pancreas_block(label: np.ndarray, half: int = 6) -> slice:
-    """The 12 slices around the pancreas: where every organ of the bench lies, at a sixth of a whole phantom's cost."""
-    z = np.nonzero((label == ORGAN_IDS["pancreas"]).any(axis=(0, 1)))[0]
-    centre = int(z.mean()) if z.size else label.shape[2] // 2
-    return slice(max(centre - half, 0), min(centre + half, label.shape[2]))
 
 
 def segment(predictor: Predictor, image: np.ndarray, lever: str, args: argparse.Namespace) -> VolumeProposals:

@@ -14,7 +14,7 @@ from progidiff import evaluate, segment
 from progidiff.data import SliceDataset, load_volume_pair, phantom_volumes
 from progidiff.labels import ORGAN_IDS, load_class_map, organs_present, to_schema
 from progidiff.model import ProGiDiffModel
-from progidiff.phantoms import PHANTOM_ORGANS, SLICE_MM, make_phantom, write_sample_set
+from progidiff.phantoms import PHANTOM_ORGANS, SLICE_MM, make_phantom, pancreas_block, write_sample_set
 from progidiff.training import DiffusionTrainer, TrainConfig, boundary_shift, jitter_boundaries
 
 TINY_ORGANS = ["liver", "spleen", "kidney_left", "aorta"]
@@ -49,6 +49,16 @@ def test_sample_set_files_share_geometry(tmp_path):
     assert np.allclose(image.affine, label.affine) and np.allclose(image.affine, mr.affine)
     assert np.allclose(np.abs(np.diag(image.affine))[:2], 3.0)  # the model's in-plane spacing
     assert abs(image.affine[2, 2]) in SLICE_MM  # slices as a scanner reconstructs them
+
+
+def test_pancreas_block_is_centred_on_the_pancreas_and_stays_inside_the_volume():
+    label = np.zeros((4, 4, 40), dtype=np.int64)
+    assert pancreas_block(label) == slice(14, 26)  # no pancreas: the middle slices
+    label[:, :, 30:33] = ORGAN_IDS["pancreas"]
+    assert pancreas_block(label) == slice(25, 37)
+    label[:] = 0
+    label[:, :, 1] = ORGAN_IDS["pancreas"]
+    assert pancreas_block(label) == slice(0, 7)  # clipped at the first slice
 
 
 # ---- label schema ---------------------------------------------------------------------------------
