@@ -55,7 +55,8 @@ def cases(tmp: Path, phantom_seed: int, groups: str = "all") -> list[dict]:
     for i, phase in enumerate(contrast.PHASES if groups != "real" else ()):
         seed = phantom_seed + i
         write_sample_set(tmp, count=1, seed=seed, mr_count=0, slice_mm=3.0, phases=[phase])
-        image, label = tmp / "ct" / f"phantom_{seed:03d}.nii.gz", tmp / "ct" / "labels" / "final" / f"phantom_{seed:03d}.nii.gz"
+        image = tmp / "ct" / f"phantom_{seed:03d}.nii.gz"
+        label = tmp / "ct" / "labels" / "final" / f"phantom_{seed:03d}.nii.gz"
         block = pancreas_block(load_volume_pair(image, label, "schema", spacing=3.0).label)
         found.append({"name": f"phantom seed {seed}, {phase}, z {block.start}-{block.stop - 1}", "image": image,
                       "label": label, "label_map": "schema", "slices": f"{block.start}:{block.stop}",
