@@ -8,8 +8,8 @@ Cases, all outside the training data (through the evaluate CLI, scores in the mo
 - the held-out z-block of the real CT (`../shared/data/ct_a` slices 10-17, the same slices as `ct_a_full`
   92-99, which the recipe holds out), as scanned (non-contrast) and moved to each contrast phase
   (`evaluate --simulate-phase`: the patient's own anatomy and texture, organs at enhanced HU);
-- fresh phantoms of unseen seeds, one per contrast phase, on the 12 slices around the pancreas (where all eight
-  organs lie together; a whole phantom is 50-150 slices and took 25 min a case on 2 cores).
+- fresh phantoms of unseen seeds, one per contrast phase, on the 12 slices around the pancreas (where most of the
+  organs lie together; a whole phantom took 25 min a case at one thread).
 Per organ: consensus Dice, best-of-N Dice, HD95 of the consensus (mm), bracketing (share of the reference
 inside the most generous proposal; share of the tightest proposal inside the reference) and the generalized
 energy distance of the proposals to the reference; the baseline's Dice and HD95 beside them.  Then the means

@@ -62,7 +62,7 @@ def cases() -> list[tuple[str, np.ndarray, np.ndarray, tuple[float, ...]]]:
 
 
 def segment(predictor: Predictor, image: np.ndarray, lever: str, args: argparse.Namespace) -> VolumeProposals:
-    run = lambda volume, organs: predictor.segment(torch.from_numpy(np.ascontiguousarray(volume)), organs,
+    run = lambda volume, organs: predictor.segment(torch.from_numpy(np.ascontiguousarray(volume)), organs,  # noqa: E731
                                                    args.proposals, args.steps, 0)
     if lever == "hu_clip":
         return run(np.clip(image, -200, 250), ORGANS)
