@@ -89,7 +89,7 @@ def full_finetune(adaptation: list[Volume], args: argparse.Namespace, work: Path
     started = time.time()
     phantoms = [normalised(v, normalisation_for("MR")) for v in phantom_volumes(args.adapt_phantoms, 1000, "mr")]
     train_on_volumes(model, adaptation, [], config, work, bias_field=True,
-                     mixed_with=(phantoms, 1.0 - args.real_weight) if phantoms else None)
+                     mixed_with=(phantoms, 1.0 - args.real_weight))
     return model, trainable, (time.time() - started) / 60
 
 

@@ -468,9 +468,9 @@ def train_on_volumes(model: ProGiDiffModel, volumes: list[Volume], val_volumes: 
     as a published model would have them.  Returns the final validation entry ({} without `val_volumes`).
     `bias_field`: MR shading in the augmentation; `mixed_with`: other volumes (e.g. phantoms) and their share of
     the samples, as `train.py --phantoms --real-weight` mixes them."""
-    groups = [(volumes, 1.0)] if not mixed_with else [(volumes, 1.0 - mixed_with[1]), mixed_with]
-    train_set = SliceDataset(groups, model.config.image_size, list(model.config.organs), seed=config.seed,
-                             bias_field=bias_field)
+    others, share = mixed_with or ([], 0.0)  # SliceDataset leaves out an empty group
+    train_set = SliceDataset([(volumes, 1.0 - share), (others, share)], model.config.image_size,
+                             list(model.config.organs), seed=config.seed, bias_field=bias_field)
     trainer = DiffusionTrainer(model, prompt_encoder_for(model), train_set, val_volumes, config, out_dir, device=device)
     final = trainer.fit()
     trainer.ema.copy_to(trainer.params)
