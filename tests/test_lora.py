@@ -72,14 +72,18 @@ def test_adapter_is_small_saved_alone_and_switchable(tmp_path):
 
 
 def test_the_cli_trains_an_adapter_alone_and_records_the_mr_normalisation(tmp_path):
-    """`python -m progidiff.train --lora mr --modality mr`: the adapter's recipe (model/README.md) at a tiny size."""
+    """`python -m progidiff.train --lora mr --modality mr`: the adapter's recipe (model/README.md) at a tiny size,
+    a labelled CT rendered as pseudo-MR beside the real MR."""
     model_dir = save_awake_tiny_model(tmp_path / "model")
     before = weights_digest(model_dir)
-    mr = ROOT / "sample-datasets" / "mr"
+    mr, ct = ROOT / "sample-datasets" / "mr", ROOT / "sample-datasets" / "ct"
+    ct_label = ct / "labels" / "final" / "phantom_001.nii.gz"
     record = train.main(["--out", str(tmp_path / "run"), "--init-from", str(model_dir), "--lora", "mr",
                          "--lora-rank", "4", "--modality", "mr", "--image-size", "32",
                          "--volume", str(mr / "phantom_000_mr.nii.gz"), str(mr / "labels" / "final" / "phantom_000_mr.nii.gz"),
                          "schema", "--hold-out", "30:32,40:42", "--val-phantoms", "0", "--balanced-anatomy",
+                         "--pseudo-mr", str(ct / "phantom_001.nii.gz"), str(ct_label),
+                         "schema", "--pseudo-mr-variants", "2", "--real-weight", "0.5",
                          "--max-steps", "3", "--batch-size", "2", "--val-every", "0", "--val-proposals", "1",
                          "--val-steps", "1", "--val-organs", "liver"])
     adapter = tmp_path / "run" / "adapter"
@@ -88,6 +92,7 @@ def test_the_cli_trains_an_adapter_alone_and_records_the_mr_normalisation(tmp_pa
     assert config["modality"] == "MR" and config["intensity"] == normalisation_for("MR").to_dict()
     assert config["settings"]["rank"] == 4 and record["config"]["balanced_anatomy"] is True
     assert record["steps"] == 3 and "liver" in record["final_validation"]["dice"]
+    assert record["volumes"] == {"synthetic": 2, "real": 1, "validation": 1}
     assert weights_digest(model_dir) == before  # the model itself is never written
     fresh = ProGiDiffModel.from_pretrained(model_dir)
     lora.load_adapter(fresh, adapter, "mr")

@@ -37,6 +37,7 @@ from .io_utils import atomic_file
 from .labels import ORGAN_IDS
 from .model import ProGiDiffConfig, ProGiDiffModel
 from .pipeline import prompt_encoder_for
+from .pseudo_mr import pseudo_mr_volumes
 from .training import BaselineTrainer, DiffusionTrainer, TrainConfig, Trainer
 
 logger = logging.getLogger("progidiff.train")
@@ -61,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="phantom contrast; mr also rescales every volume per study and adds MR shading")
     p.add_argument("--volume", nargs=3, action="append", default=[], metavar=("IMAGE", "LABEL", "LABEL_MAP"),
                    help="a labelled volume; LABEL_MAP is schema, total, total_mr or a JSON file")
+    p.add_argument("--pseudo-mr", nargs=3, action="append", default=[], metavar=("IMAGE", "LABEL", "LABEL_MAP"),
+                   help="a labelled CT rendered as MR-like (progidiff.pseudo_mr): real anatomy at every level, "
+                        "trained on with the phantoms' share of the samples")
+    p.add_argument("--pseudo-mr-variants", type=int, default=4,
+                   help="renderings of each --pseudo-mr CT (each a different draw of MR contrast and noise)")
     p.add_argument("--hold-out", type=parse_ranges, default=None, metavar="Z0:Z1[,Z2:Z3]",
                    help="z-slices of each --volume kept for validation (e.g. 10:18, or 5:10,15:20)")
     p.add_argument("--real-weight", type=float, default=0.35, help="share of samples drawn from --volume data")
@@ -141,11 +147,14 @@ def process_device(requested: str) -> torch.device:
 
 
 def load_data(args: argparse.Namespace) -> tuple[list[Volume], list[Volume], list[Volume]]:
-    """(phantom training volumes, real training volumes, validation volumes)."""
+    """(synthetic training volumes: phantoms and pseudo-MR, real training volumes, validation volumes)."""
     normalisation = normalisation_for(args.modality)
     phantoms = phantom_volumes(args.phantoms, args.phantom_seed, args.modality, workers=os.cpu_count() or 1) \
         if args.phantoms else []
     val = phantom_volumes(args.val_phantoms, args.phantom_seed + 100000, args.modality) if args.val_phantoms else []
+    for image, label, label_map in args.pseudo_mr:
+        phantoms += pseudo_mr_volumes(load_volume_pair(image, label, label_map, spacing=args.spacing_mm),
+                                      args.pseudo_mr_variants)
     phantoms, val = [normalised(v, normalisation) for v in phantoms], [normalised(v, normalisation) for v in val]
     real = []
     for image, label, label_map in args.volume:
@@ -171,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     phantoms, real, val = load_data(args)
     if not phantoms and not real:
         raise SystemExit("nothing to train on: give --phantoms N and/or --volume IMAGE LABEL MAP")
-    logger.info("data: %d phantoms, %d real volumes (%d non-contrast CT), %d validation volumes (%.0f s)",
+    logger.info("data: %d phantoms / pseudo-MR, %d real volumes (%d non-contrast CT), %d validation volumes (%.0f s)",
                 len(phantoms), len(real), sum(v.unenhanced_ct for v in real), len(val), time.time() - start)
 
     device = process_device(args.device)
@@ -202,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps_this_launch": trainer.step - first_step,
         "torch_threads": torch.get_num_threads(),
         "processes": trainer.world_size,
+        "volumes": {"synthetic": len(phantoms), "real": len(real), "validation": len(val)},
         "final_validation": final,
         "history": trainer.history,
         "config": asdict(config),
