@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import save_awake_tiny_model, tiny_config, wake_control_branch, weights_digest
@@ -97,3 +98,11 @@ def test_the_cli_trains_an_adapter_alone_and_records_the_mr_normalisation(tmp_pa
     fresh = ProGiDiffModel.from_pretrained(model_dir)
     lora.load_adapter(fresh, adapter, "mr")
     assert lora.adapter_names(fresh) == ["mr"]
+
+
+def test_the_cli_refuses_pseudo_mr_for_a_ct_training(tmp_path, capsys):
+    ct = ROOT / "sample-datasets" / "ct"
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path / "run"), "--pseudo-mr", str(ct / "phantom_001.nii.gz"),
+                    str(ct / "labels" / "final" / "phantom_001.nii.gz"), "schema"])
+    assert "--pseudo-mr renders a CT as MR" in capsys.readouterr().err

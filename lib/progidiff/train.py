@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.lora and (args.baseline or not args.init_from):
         parser.error("--lora adapts a trained model: give --init-from MODEL_DIR (and not --baseline)")
+    if args.pseudo_mr and args.modality != "mr":
+        parser.error("--pseudo-mr renders a CT as MR for MR training: give --modality mr")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
