@@ -10,7 +10,8 @@ Rows:
 - `ct_model`: the bare CT model on the study as it is (what a user without an adapter gets);
 - `adapter`: `model/adapters/mr` (or `--adapter`), on the study rescaled as the adapter records;
 - `full_finetune`: the whole control branch (the base UNet frozen, as POST /train/progidiff) trained here on the
-  same data (the real MR's adaptation slices and 8 MR phantoms at a 20 % share) with the same loss,
+  same data (the real MR's adaptation slices; 8 MR phantoms and 4 pseudo-MR renderings of the labelled real CT
+  `ct_a_full` at a 20 % share) with the same loss,
   normalisation, augmentation, steps and batch as the adapter's recipe.
 Scores: consensus Dice, best-of-N Dice and the consensus's HD95 (mm) of N proposals at the served defaults
 (N = 5, 1 step, seed 0) on every held-out slice; the share of full fine-tuning's gain over the CT model that the
@@ -37,12 +38,14 @@ from progidiff.intensity import PercentileNormalisation, normalisation_for
 from progidiff.labels import ORGAN_IDS
 from progidiff.model import ProGiDiffModel
 from progidiff.pipeline import ProGiDiffPipeline
+from progidiff.pseudo_mr import pseudo_mr_volumes
 from progidiff.train import parse_ranges
 from progidiff.training import TrainConfig, train_on_volumes
 from progidiff.volume import segment_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 MR_A = ROOT.parent / "shared" / "data" / "mr_a"
+CT_A_FULL = ROOT.parent / "shared" / "data" / "ct_a_full"  # rendered as pseudo-MR, as in the adapter recipe
 ORGANS = ["liver", "spleen", "kidney_left", "kidney_right"]
 RECIPE_HOLD_OUT = "5:10,15:20"  # as in model/README.md's adapter recipe
 logger = logging.getLogger("bench.mr_adaptation")
@@ -87,7 +90,11 @@ def full_finetune(adaptation: list[Volume], args: argparse.Namespace, work: Path
     config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.full_lr, val_every=0,
                          checkpoint_every=0, balanced_anatomy=True)
     started = time.time()
-    phantoms = [normalised(v, normalisation_for("MR")) for v in phantom_volumes(args.adapt_phantoms, 1000, "mr")]
+    synthetic = phantom_volumes(args.adapt_phantoms, 1000, "mr")
+    if args.pseudo_mr_variants:
+        ct = load_volume_pair(CT_A_FULL / "image.nii.gz", CT_A_FULL / "label.nii.gz", "total", spacing=3.0)
+        synthetic += pseudo_mr_volumes(ct, args.pseudo_mr_variants)
+    phantoms = [normalised(v, normalisation_for("MR")) for v in synthetic]
     train_on_volumes(model, adaptation, [], config, work, bias_field=True,
                      mixed_with=(phantoms, 1.0 - args.real_weight))
     return model, trainable, (time.time() - started) / 60
@@ -110,6 +117,8 @@ def main() -> None:
                         help="full fine-tuning steps (the adapter recipe's); 0: the CT model and the adapter only")
     parser.add_argument("--adapt-phantoms", type=int, default=8,
                         help="MR phantoms (seeds 1000…) mixed into the full fine-tuning, as in the adapter recipe")
+    parser.add_argument("--pseudo-mr-variants", type=int, default=4,
+                        help="pseudo-MR renderings of ct_a_full mixed in with the phantoms, as in the adapter recipe")
     parser.add_argument("--real-weight", type=float, default=0.8, help="the real MR's share of the samples (recipe's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--full-lr", type=float, default=1e-4)
