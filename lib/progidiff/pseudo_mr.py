@@ -33,8 +33,9 @@ ORGAN_TISSUE = {
     "portal_vein_and_splenic_vein": "portal_vein", "urinary_bladder": "bladder_urine",
 }
 BOWEL = ("stomach", "duodenum", "colon", "small_bowel")
+CORTEX_HU = 400.0  # bone above it is cortex, below it marrow (vertebrae too, whatever their HU band)
 # Unlabelled voxels by CT band: (upper HU bound, tissue), first match.
-HU_BANDS = ((-900.0, "air"), (-500.0, "lung"), (-30.0, "fat"), (120.0, "muscle"), (400.0, "bone_marrow"),
+HU_BANDS = ((-900.0, "air"), (-500.0, "lung"), (-30.0, "fat"), (120.0, "muscle"), (CORTEX_HU, "bone_marrow"),
             (np.inf, "bone_cortex"))
 
 
@@ -51,7 +52,7 @@ def tissue_map(ct: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, list[str]
     tissues[bowel & (ct < 15)] = index["bowel_fluid"]
     tissues[bowel & (ct < -300)] = index["gas"]
     bone = label == ORGAN_IDS["vertebrae"]
-    tissues[bone] = np.where(ct[bone] < 400, index["bone_marrow"], index["bone_cortex"])
+    tissues[bone] = np.where(ct[bone] < CORTEX_HU, index["bone_marrow"], index["bone_cortex"])
     return tissues, names
 
 
