@@ -39,13 +39,19 @@ from run import held_out_ct  # bench/run.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-ORGANS = ["liver", "spleen", "kidney_left", "kidney_right", "aorta"]
+ORGANS = "liver,spleen,kidney_left,kidney_right,stomach,pancreas,aorta,inferior_vena_cava"
 THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 
 
 def to_volume(square: torch.Tensor, height: int, width: int) -> np.ndarray:
     """[Z, 1, S, S] at the model size → [X, Y, Z] on the block's grid."""
     return from_square(square.float(), height, width)[:, 0].permute(1, 2, 0).numpy()
+
+
+def through_mask_size(square: torch.Tensor, size: int) -> torch.Tensor:
+    """[Z, 1, S, S] taken through the model's mask size: area down to `size`, bilinear back up."""
+    return F.interpolate(F.interpolate(square, size=(size,) * 2, mode="area"), size=square.shape[-2:],
+                         mode="bilinear", align_corners=False)
 
 
 def threshold_sweep(probability: np.ndarray, reference: np.ndarray) -> dict[str, float]:
@@ -82,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "model" / "progidiff_ct")
     parser.add_argument("--baseline", type=Path, default=ROOT / "model" / "baseline_ct")
+    parser.add_argument("--organs", default=ORGANS, help="comma-separated organ names")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "diversity_headroom.json")
     args = parser.parse_args()
 
@@ -97,23 +104,26 @@ def main() -> None:
         prior_logits = F.interpolate(prior_logits, size=square.shape[-2:], mode="bilinear", align_corners=False)
         baseline_logits = baseline(square)
     results = {"model": str(args.model), "baseline": str(args.baseline), "organs": {}}
-    for organ in ORGANS:
+    for organ in args.organs.split(","):
         reference = label == ORGAN_IDS[organ]
         channel = ORGAN_IDS[organ] - 1
         masks = to_square(torch.from_numpy(reference).permute(2, 0, 1)[:, None].float(), model.config.image_size,
                           mode="nearest")
-        trip = F.interpolate(F.interpolate(masks, size=(model.working_size,) * 2, mode="area"),
-                             size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        baseline_probability = baseline_logits[:, channel : channel + 1].sigmoid()
         results["organs"][organ] = {
             "reference_voxels": int(reference.sum()),
-            "ceiling_64px": round(dice(to_volume(trip, height, width) >= 0.5, reference), 4),
-            "prior": threshold_sweep(to_volume(prior_logits[:, channel : channel + 1].sigmoid(), height, width), reference),
-            "baseline": threshold_sweep(to_volume(baseline_logits[:, channel : channel + 1].sigmoid(), height, width),
-                                        reference),
+            "ceiling_64px": round(dice(to_volume(through_mask_size(masks, model.working_size), height, width) >= 0.5,
+                                       reference), 4),
+            "baseline_64px": round(dice(to_volume(through_mask_size(baseline_probability, model.working_size), height,
+                                                  width) >= 0.5, reference), 4),
+            "prior": threshold_sweep(to_volume(prior_logits[:, channel : channel + 1].sigmoid(), height, width),
+                                     reference),
+            "baseline": threshold_sweep(to_volume(baseline_probability, height, width), reference),
             "noise_response": noise_response(model, text_encoder, square, masks, organ),
         }
         r = results["organs"][organ]
-        print(f"{organ:13s} ceiling {r['ceiling_64px']:.3f}  prior@0.5 {r['prior']['0.5']:.3f} best "
+        print(f"{organ:13s} ceiling {r['ceiling_64px']:.3f}  baseline@64px {r['baseline_64px']:.3f}  "
+              f"prior@0.5 {r['prior']['0.5']:.3f} best "
               f"{max(r['prior'].values()):.3f}  baseline@0.5 {r['baseline']['0.5']:.3f} best "
               f"{max(r['baseline'].values()):.3f}  area(z=-1.3/0/+1.3) t999 {r['noise_response']['999']} "
               f"t400 {r['noise_response']['400']}")
