@@ -83,7 +83,7 @@ def test_liver_returns_a_label_in_the_inputs_geometry(server):
         assert key in stats
     assert len(stats["proposal_volumes_ml"]) == 3 and sorted(stats["ranking"]) == [0, 1, 2]
     assert result["seed"] == 1 and "latencies" in result
-    assert result["proposal_spread"] == 2.0  # the model's own (progidiff_config.json), no conf given
+    assert result["proposal_spread"] == 4.0  # the model's own (progidiff_config.json), no conf given
 
 
 def test_two_organs_and_their_proposals_in_the_datastore(server):

@@ -99,7 +99,7 @@ def test_prior_offsets_run_evenly_from_tight_to_generous():
 def test_spread_moves_each_proposal_along_the_organ_prior(pipeline, small_model, minilm):
     """With the spread, proposal k follows the prior at its own confidence level: the first is the
     tightest, the last the most generous; without it, the proposals share the prior."""
-    assert pipeline.spread == small_model.config.proposal_spread == 2.0
+    assert pipeline.spread == small_model.config.proposal_spread == 4.0
     with torch.no_grad():
         small_model.scan_encoder.organ_head.bias.zero_()  # a prior centred on 0.5, so offsets move it visibly
     spread = ProGiDiffPipeline(small_model, minilm, show_progress=False, spread=6.0)

@@ -55,7 +55,7 @@ class ProGiDiffConfig:
     organs: list[str] = field(default_factory=list)  # organs the model was trained on (empty: untrained)
     organ_prior: bool = True  # compact x0 model: add the scan encoder's organ read-out to the predicted mask
     boundary_jitter: float = 0.0  # px at image_size: proposals' boundaries spread over ± this (see training)
-    proposal_spread: float = 2.0  # organ-prior logits: proposals run from −this to +this (see prior_offsets)
+    proposal_spread: float = 4.0  # organ-prior logits: proposals span −this…+this (prior_offsets; model/README.md)
 
     @property
     def is_latent(self) -> bool:
