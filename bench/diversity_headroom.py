@@ -48,10 +48,11 @@ def to_volume(square: torch.Tensor, height: int, width: int) -> np.ndarray:
     return from_square(square.float(), height, width)[:, 0].permute(1, 2, 0).numpy()
 
 
-def through_mask_size(square: torch.Tensor, size: int) -> torch.Tensor:
-    """[Z, 1, S, S] taken through the model's mask size: area down to `size`, bilinear back up."""
-    return F.interpolate(F.interpolate(square, size=(size,) * 2, mode="area"), size=square.shape[-2:],
-                         mode="bilinear", align_corners=False)
+def through_mask(model: ProGiDiffModel, square: torch.Tensor) -> torch.Tensor:
+    """[Z, 1, S, S] in [0, 1] taken through the model's mask representation, as training targets are
+    (`encode_mask`: area down to the mask size; `decode_mask`: bilinear back up)."""
+    with torch.no_grad():
+        return model.decode_mask(model.encode_mask(square))
 
 
 def threshold_sweep(probability: np.ndarray, reference: np.ndarray) -> dict[str, float]:
@@ -112,10 +113,9 @@ def main() -> None:
         baseline_probability = baseline_logits[:, channel : channel + 1].sigmoid()
         results["organs"][organ] = {
             "reference_voxels": int(reference.sum()),
-            "ceiling_64px": round(dice(to_volume(through_mask_size(masks, model.working_size), height, width) >= 0.5,
-                                       reference), 4),
-            "baseline_64px": round(dice(to_volume(through_mask_size(baseline_probability, model.working_size), height,
-                                                  width) >= 0.5, reference), 4),
+            "ceiling_64px": round(dice(to_volume(through_mask(model, masks), height, width) >= 0.5, reference), 4),
+            "baseline_64px": round(dice(to_volume(through_mask(model, baseline_probability), height, width) >= 0.5,
+                                        reference), 4),
             "prior": threshold_sweep(to_volume(prior_logits[:, channel : channel + 1].sigmoid(), height, width),
                                      reference),
             "baseline": threshold_sweep(to_volume(baseline_probability, height, width), reference),
