@@ -37,7 +37,9 @@ def server(tmp_path_factory):
     for seed in UNLABELLED_SEEDS:  # two more unlabelled studies for scoring and active learning
         phantom = make_phantom(seed)
         save_nifti(phantom.ct, phantom.affine, studies / f"phantom_{seed:03d}.nii.gz")
-    conf = {"model_path": str(work / "model"), "train_dir": str(work / "runs"), "num_proposals": "2", "steps": "2"}
+    # One training thread: these tests infer while a run trains, on 2 cores (README: train_threads).
+    conf = {"model_path": str(work / "model"), "train_dir": str(work / "runs"), "num_proposals": "2", "steps": "2",
+            "train_threads": "1"}
     with Server(studies, conf, work) as running:
         yield running
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import progidiff.train
 from conftest import save_awake_tiny_model
 from progidiff.model import ProGiDiffModel
 
@@ -26,9 +27,15 @@ def train(out: Path, model: Path, processes: int, steps: int) -> tuple[dict, str
             "schema", "--hold-out", "24:28", "--val-phantoms", "0", "--max-steps", str(steps), "--batch-size", "8",
             "--learning-rate", "2e-3", "--val-every", "0", "--val-proposals", "1", "--val-steps", "1",
             "--val-organs", "liver", "--threads", "1"]
-    launcher = [sys.executable, "-m", "progidiff.train"] if processes == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
-         "-m", "progidiff.train"]
+    if processes == 1:  # the reference: the same entry point in this process (a fresh interpreter costs ~20 s here)
+        threads = torch.get_num_threads()
+        try:
+            progidiff.train.main(args)
+        finally:
+            torch.set_num_threads(threads)  # --threads 1 set it for this whole process
+        return json.loads((out / "train_record.json").read_text()), ""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+                "-m", "progidiff.train"]
     done = subprocess.run(launcher + args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads((out / "train_record.json").read_text()), done.stderr + done.stdout
@@ -78,3 +85,19 @@ def test_the_app_trainer_under_monai_labels_multi_gpu_spawn_trains_on_two_ranks_
     assert len(list(Path(stats["tensorboard"]).glob("events.out.tfevents.*"))) == 1  # rank 0 alone logs
     assert Path(stats["candidate"], "progidiff_config.json").is_file()
     ProGiDiffModel.from_pretrained(model_dir)  # whatever was published is a whole model
+
+
+def test_cpu_training_threads_follow_the_conf_or_split_the_cores_between_ranks(tmp_path):
+    sys.path.insert(0, str(ROOT / "apps" / "progidiff"))
+    from lib.configs.progidiff import AppSettings
+    from lib.trainers.progidiff import ProGiDiffTrain
+
+    def task(conf: dict[str, str]) -> ProGiDiffTrain:
+        return ProGiDiffTrain(tmp_path, tmp_path / "runs", AppSettings.from_conf(conf, tmp_path))
+
+    cores = torch.get_num_threads()
+    assert task({}).cpu_threads(1) == 0  # one process: torch's default
+    assert task({}).cpu_threads(2) == max(1, cores // 2)  # ranks share the cores, as under torchrun
+    assert task({"train_threads": "1"}).cpu_threads(1) == task({"train_threads": "1"}).cpu_threads(2) == 1
+    with pytest.raises(ValueError, match="train_threads"):
+        task({"train_threads": "-2"})

@@ -43,6 +43,7 @@ class AppSettings:
     max_memory_gb: float = 8.0  # requests whose outputs need more are refused with a message
     adapters_path: str = ""  # LoRA adapters, one folder per modality; default <model_path>/../adapters
     train_dir: str = ""  # training runs (checkpoints, TensorBoard, train stats); default <repo>/runs/app
+    train_threads: int = 0  # CPU threads of a training run (0: torch's default; see ProGiDiffTrain.cpu_threads)
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], default_model_path: Path) -> "AppSettings":
@@ -63,6 +64,9 @@ class AppSettings:
             raise ValueError(f"--conf scheduler must be one of {', '.join(SAMPLERS)}; got {settings.scheduler!r}")
         if not 1 <= settings.num_proposals <= settings.max_proposals:
             raise ValueError(f"--conf num_proposals must lie in 1..max_proposals ({settings.max_proposals})")
+        if settings.train_threads < 0:
+            raise ValueError(f"--conf train_threads must be 0 (torch's default) or a number of threads; "
+                             f"got {settings.train_threads!r}")
         if not settings.proposal_spread <= MAX_SPREAD:
             raise ValueError(f"--conf proposal_spread must lie in 0..{MAX_SPREAD:g}, or be negative for the model's "
                              f"own; got {settings.proposal_spread!r}")

@@ -155,11 +155,25 @@ class ProGiDiffTrain(BasicTrainTask):
         context.output_dir = str(Path(self._model_dir) / request["name"] / request["run_id"])
         device = self._join_process_group(rank, world_size, request) if request.get("multi_gpu") else \
             torch.device(request["device"] if torch.cuda.is_available() else "cpu")
+        if device.type == "cpu" and (threads := self.cpu_threads(world_size if request.get("multi_gpu") else 1)):
+            torch.set_num_threads(threads)
         try:
             return self._train(context, device)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+    def cpu_threads(self, processes: int) -> int:
+        """Threads for one training process on CPU; 0: leave torch's default.
+
+        `--conf train_threads` if set.  Otherwise, with several processes, the cores split between them, as
+        torchrun does: torch's default (every core) in each runs more OpenMP threads than there are cores, and a
+        team whose threads wait for a core stalls at every operation (on 2 cores, tests/test_distributed.py's
+        two-rank run took 110 s with every core per rank, 58 s with one thread each).
+        """
+        if self.settings.train_threads:
+            return self.settings.train_threads
+        return max(1, torch.get_num_threads() // processes) if processes > 1 else 0
 
     def _join_process_group(self, rank: int, world_size: int, request: dict) -> torch.device:
         """torch.distributed as MONAI Label's own trainers join it (its `distributed_backend` / `distributed_url`
