@@ -2,10 +2,14 @@
 (marked weights of version k hold k), so that a test can SIGKILL it in the middle of a publish.
 
     python tests/publish_forever.py FOLDER      # writes FOLDER/model and FOLDER/adapters/mr
+
+The test runs `main` in processes forked from a multiprocessing forkserver that imported its dependencies once,
+so that each of its kills costs no fresh import of torch, diffusers and peft (tens of seconds on 2 cores).
 """
 
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -16,7 +20,12 @@ from progidiff.model import ProGiDiffModel
 MARKED = ("unet.conv_in.bias", "controlnet.conv_in.bias")  # one tensor in each part the model saves separately
 
 
-def main(folder: Path) -> None:
+def announce_ready() -> None:
+    print("ready", flush=True)
+
+
+def main(folder: Path, ready: Callable[[], None] = announce_ready) -> None:
+    """Publish forever; `ready()` once one complete version of each is on disk."""
     model = ProGiDiffModel.from_config(tiny_config())
     adapted = ProGiDiffModel.from_config(tiny_config())
     settings = lora.LoraSettings(rank=4)
@@ -34,7 +43,7 @@ def main(folder: Path) -> None:
         model.save_pretrained(folder / "model")
         lora.save_adapter(adapted, "mr", folder / "adapters" / "mr", settings)
         if version == 1:
-            print("ready", flush=True)  # one complete version of each is on disk
+            ready()
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))

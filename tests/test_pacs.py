@@ -24,6 +24,9 @@ from progidiff.terminology import ORGAN_TERMS
 from server import ROOT, Server, free_port
 
 pytestmark = pytest.mark.server  # starts Orthanc and the real MONAI Label server
+# A test below runs two servers side by side on this machine's 2 cores: one torch thread each, or their OpenMP
+# teams wait for each other's cores at every operation (that test: 100 s with every core each, 47 s like this).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,7 @@ def server(pacs, tmp_path_factory):
     work = tmp_path_factory.mktemp("dicomweb")
     conf = {"model_path": str(ROOT / "model" / "progidiff_ct"), "num_proposals": "2", "steps": "1",
             "train_dir": str(work / "runs")}
-    env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache")}
+    env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache"), **ONE_THREAD}
     with Server(f"{pacs}/dicom-web", conf, work, env=env) as running:
         yield running
 
@@ -170,7 +173,8 @@ def test_two_servers_on_one_pacs_infer_side_by_side_without_touching_each_others
     image = series_of(pacs, "phantom_002")
     before = seg_fingerprints(pacs)
     conf = {**server.conf, "train_dir": str(tmp_path / "runs")}
-    with Server(server.studies, conf, tmp_path, env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")}) as other:
+    env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache"), **ONE_THREAD}
+    with Server(server.studies, conf, tmp_path, env=env) as other:
         with ThreadPoolExecutor(max_workers=2) as pool:
             answers = list(pool.map(
                 lambda pair: requests.post(f"{pair[0].url}/infer/progidiff", params={"image": image, "output": "json"},
