@@ -25,7 +25,7 @@ from server import ROOT, Server, free_port
 
 pytestmark = pytest.mark.server  # starts Orthanc and the real MONAI Label server
 # A test below runs two servers side by side on this machine's 2 cores: one torch thread each, or their OpenMP
-# teams wait for each other's cores at every operation (that test: 100 s with every core each, 47 s like this).
+# teams wait for each other's cores at every operation (that test: 100 s with every core each, 41-47 s like this).
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 

@@ -169,7 +169,7 @@ class ProGiDiffTrain(BasicTrainTask):
         `--conf train_threads` if set.  Otherwise, with several processes, the cores split between them, as
         torchrun does: torch's default (every core) in each runs more OpenMP threads than there are cores, and a
         team whose threads wait for a core stalls at every operation (on 2 cores, tests/test_distributed.py's
-        two-rank run took 110 s with every core per rank, 58 s with one thread each).
+        two-rank run took 110 s with every core per rank, 55-58 s with one thread each).
         """
         if self.settings.train_threads:
             return self.settings.train_threads
