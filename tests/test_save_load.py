@@ -10,8 +10,7 @@ from progidiff import lora
 from progidiff.io_utils import published_folders, recover_directories
 from progidiff.model import ProGiDiffModel
 from progidiff.pipeline import ProGiDiffPipeline
-from publish_forever import MARKED
-from publish_forever import main as publish_forever
+from publish_forever import MARKED, main as publish_forever
 
 
 def test_round_trip_gives_identical_proposals(small_model, minilm, tmp_path):
@@ -64,7 +63,8 @@ def _marker_versions(model: ProGiDiffModel) -> set[float]:
 def test_sigkill_during_publishes_always_leaves_one_complete_version(tmp_path):
     """A real process publishing model and adapter in a loop is SIGKILLed at random moments; after each kill
     (and the start-up recovery the server does) both load, and the model is one version, never a mix.
-    The publishers fork from a forkserver that imported them once (a fresh interpreter per kill costs ~20 s)."""
+    The publishers fork from a forkserver that imported their dependencies once (a fresh interpreter per kill
+    costs ~20 s)."""
     context = multiprocessing.get_context("forkserver")
     # What the publisher imports that takes long (installed, so importable before the forkserver has the tests'
     # sys.path; the publisher's own module is imported in each child, cheaply).

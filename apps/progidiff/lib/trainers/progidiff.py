@@ -149,13 +149,14 @@ class ProGiDiffTrain(BasicTrainTask):
         `gpus`) and each joins the process group first."""
         context = Context()
         context.request, context.datalist = request, datalist
-        context.local_rank, context.world_size = rank, world_size
+        # MONAI Label passes its GPU count as `world_size` even when it runs one process (no `multi_gpu`).
+        context.local_rank, context.world_size = rank, world_size if request.get("multi_gpu") else 1
         context.start_ts = int(time.time())
         context.run_id = request["run_id"]
         context.output_dir = str(Path(self._model_dir) / request["name"] / request["run_id"])
         device = self._join_process_group(rank, world_size, request) if request.get("multi_gpu") else \
             torch.device(request["device"] if torch.cuda.is_available() else "cpu")
-        if device.type == "cpu" and (threads := self.cpu_threads(world_size if request.get("multi_gpu") else 1)):
+        if device.type == "cpu" and (threads := self.cpu_threads(context.world_size)):
             torch.set_num_threads(threads)
         try:
             return self._train(context, device)
@@ -322,7 +323,7 @@ class _EpochPublisher:
                      "best_metric_epoch": self.best_epoch},
             "history": self.history,
             "tensorboard": str(Path(self.context.output_dir) / "tensorboard"),
-            "processes": self.context.world_size if self.context.request.get("multi_gpu") else 1,
+            "processes": self.context.world_size,
             "served_val_mean_dice": self.served,
             "published": self.published_epoch is not None,
             "published_epoch": self.published_epoch,
