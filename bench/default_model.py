@@ -30,9 +30,9 @@ from progidiff import contrast, evaluate
 from progidiff.data import load_volume_pair
 from progidiff.phantoms import pancreas_block, write_sample_set
 
+from held_out import CT_A, HELD_OUT_SLICES, HELD_OUT_Z, UNSEEN_ORGANS  # bench/held_out.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-ORGANS = "liver,spleen,kidney_left,kidney_right,stomach,pancreas,aorta,inferior_vena_cava"
 # The unseen-patient goal: consensus Dice per organ, and bracketing both ways for these organs.
 GOAL_DICE = {"liver": 0.92, "spleen": 0.90, "stomach": 0.75, "aorta": 0.85, "pancreas": 0.60, "inferior_vena_cava": 0.60}
 GOAL_BRACKETING = ("liver", "spleen", "kidney_left", "kidney_right")
@@ -43,15 +43,15 @@ def cases(tmp: Path, phantom_seed: int, groups: str = "all") -> list[dict]:
     found = []
     if groups == "phantoms":
         pass
-    elif (SHARED / "ct_a").is_dir():
-        real = {"image": SHARED / "ct_a" / "image.nii.gz", "label": SHARED / "ct_a" / "label.nii.gz",
-                "label_map": "total", "slices": "10:18", "group": "real CT"}
+    elif CT_A.is_dir():
+        real = {"image": CT_A / "image.nii.gz", "label": CT_A / "label.nii.gz",
+                "label_map": "total", "slices": HELD_OUT_SLICES, "group": "real CT"}
         for phase in contrast.PHASES:
             simulated = [] if phase == "non-contrast" else ["--simulate-phase", phase]
-            found.append({**real, "name": f"ct_a held-out z 10-17, {phase}{' (simulated)' if simulated else ''}",
+            found.append({**real, "name": f"ct_a held-out {HELD_OUT_Z}, {phase}{' (simulated)' if simulated else ''}",
                           "extra": simulated})
     else:
-        print(f"note: {SHARED / 'ct_a'} is absent: the real-CT cases are skipped")
+        print(f"note: {CT_A} is absent: the real-CT cases are skipped")
     for i, phase in enumerate(contrast.PHASES if groups != "real" else ()):
         seed = phantom_seed + i
         write_sample_set(tmp, count=1, seed=seed, mr_count=0, slice_mm=3.0, phases=[phase])
@@ -82,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "model" / "progidiff_ct")
     parser.add_argument("--baseline", type=Path, default=ROOT / "model" / "baseline_ct")
-    parser.add_argument("--organs", default=ORGANS)
+    parser.add_argument("--organs", default=",".join(UNSEEN_ORGANS))
     parser.add_argument("--proposals", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--scheduler", default="ddim", help="ProGiDiff's sampler: ddim, dpm or ddpm (stochastic)")

@@ -35,11 +35,10 @@ from progidiff.pipeline import prompt_encoder_for
 from progidiff.prompts import organ_text
 from progidiff.text import PromptEncoder
 from progidiff.training import boundary_shift, jitter_boundaries
+from held_out import SHARED_DATA as DATA, UNSEEN_ORGANS  # bench/held_out.py, beside this script
 from run import held_out_ct  # bench/run.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-ORGANS = "liver,spleen,kidney_left,kidney_right,stomach,pancreas,aorta,inferior_vena_cava"
 THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 
 
@@ -89,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "model" / "progidiff_ct")
     parser.add_argument("--baseline", type=Path, default=ROOT / "model" / "baseline_ct")
-    parser.add_argument("--organs", default=ORGANS, help="comma-separated organ names")
+    parser.add_argument("--organs", default=",".join(UNSEEN_ORGANS), help="comma-separated organ names")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "diversity_headroom.json")
     args = parser.parse_args()
 

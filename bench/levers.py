@@ -30,29 +30,27 @@ import numpy as np
 import torch
 
 from progidiff import contrast
-from progidiff.data import load_volume_pair
 from progidiff.evaluate import score_proposals
 from progidiff.labels import ORGAN_IDS
 from progidiff.phantoms import make_phantom, pancreas_block
 from progidiff.predict import Predictor
 from progidiff.volume import DEFAULT_SCREEN_THRESHOLD, VolumeProposals
 
+from held_out import CT_A, UNSEEN_ORGANS as ORGANS, held_out_block  # bench/held_out.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-ORGANS = ["liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas", "aorta", "inferior_vena_cava"]
 MIRRORED = {"kidney_left": "kidney_right", "kidney_right": "kidney_left",
             "adrenal_gland_left": "adrenal_gland_right", "adrenal_gland_right": "adrenal_gland_left"}
 
 
 def cases() -> list[tuple[str, np.ndarray, np.ndarray, tuple[float, ...]]]:
     found = []
-    if (SHARED / "ct_a").is_dir():
-        volume = load_volume_pair(SHARED / "ct_a" / "image.nii.gz", SHARED / "ct_a" / "label.nii.gz", "total", spacing=3.0)
-        image, label = volume.image[:, :, 10:18], volume.label[:, :, 10:18]
-        found.append(("ct_a held-out, non-contrast", image, label, volume.spacing))
+    if CT_A.is_dir():
+        image, label, spacing = held_out_block()
+        found.append(("ct_a held-out, non-contrast", image, label, spacing))
         for phase in ("portal-venous", "arterial"):
             moved = contrast.simulate_phase(image, label, ORGAN_IDS, phase, np.random.default_rng(0))
-            found.append((f"ct_a held-out, {phase} (simulated)", moved, label, volume.spacing))
+            found.append((f"ct_a held-out, {phase} (simulated)", moved, label, spacing))
     for seed, phase in ((9102, "portal-venous"), (9103, "arterial")):
         p = make_phantom(seed, phase=phase, slice_mm=3.0)
         block = pancreas_block(p.label)

@@ -20,19 +20,13 @@ import torch.nn.functional as F
 
 from progidiff import contrast
 from progidiff.geometry import from_square, to_square
-from progidiff.data import load_volume_pair
 from progidiff.labels import ORGAN_IDS
 from progidiff.metrics import dice
 from progidiff.model import ProGiDiffModel
 
+from held_out import CT_A, UNSEEN_ORGANS as ORGANS, held_out_block  # bench/held_out.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
-CT_A = ROOT.parent / "shared" / "data" / "ct_a"
-ORGANS = ["liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas", "aorta", "inferior_vena_cava"]
-
-
-def held_out_block() -> tuple[np.ndarray, np.ndarray]:
-    volume = load_volume_pair(CT_A / "image.nii.gz", CT_A / "label.nii.gz", "total", spacing=3.0)
-    return volume.image[:, :, 10:18], volume.label[:, :, 10:18]
 
 
 @torch.no_grad()
@@ -58,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     if not CT_A.is_dir():
         raise SystemExit(f"{CT_A} is absent: this bench needs the team's real CT beside the checkout")
-    image, label = held_out_block()
+    image, label, _ = held_out_block()
     results = []
     for folder in args.models:
         model = ProGiDiffModel.from_pretrained(folder).eval()

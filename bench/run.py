@@ -56,9 +56,10 @@ from progidiff.predict import Predictor, load_volume  # noqa: E402
 from progidiff.outputs import maps_in_input_geometry  # noqa: E402
 from progidiff.volume import DEFAULT_SCREEN_THRESHOLD, segment_volume  # noqa: E402
 
+from held_out import HELD_OUT  # noqa: E402  bench/held_out.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 ORGANS = ["liver", "spleen", "kidney_left", "kidney_right", "aorta"]
-HELD_OUT = slice(10, 18)  # ct_a slices kept out of the default model's training
 
 
 # ---- measuring -----------------------------------------------------------------------------------
