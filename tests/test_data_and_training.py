@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, requires_shared_data, tiny_config, wake_control_branch
-from progidiff import evaluate, segment
+from conftest import SHARED_DATA, requires_shared_data, save_awake_tiny_model, tiny_config, wake_control_branch
+from progidiff import evaluate, segment, train
 from progidiff.data import SliceDataset, load_volume_pair, phantom_volumes
 from progidiff.labels import ORGAN_IDS, load_class_map, organs_present, to_schema
 from progidiff.model import ProGiDiffModel
@@ -18,6 +19,7 @@ from progidiff.phantoms import PHANTOM_ORGANS, SLICE_MM, make_phantom, pancreas_
 from progidiff.training import DiffusionTrainer, TrainConfig, boundary_shift, jitter_boundaries
 
 TINY_ORGANS = ["liver", "spleen", "kidney_left", "aorta"]
+SAMPLE = Path(__file__).resolve().parents[1] / "sample-datasets" / "ct"
 
 
 # ---- phantoms -------------------------------------------------------------------------------------
@@ -128,6 +130,53 @@ def test_resume_continues_from_the_checkpoint(small_config, minilm, tiny_volumes
     assert all(torch.equal(saved[k], v) for k, v in second.model.state_dict().items())
     second.fit()
     assert second.step == 6 and [h["step"] for h in second.history] == [4, 6]
+
+
+def test_a_resumed_run_keeps_its_clock(small_config, minilm, tiny_volumes, tmp_path):
+    """`max_minutes` counts every launch's training time: a run whose budget is spent does not start over."""
+    first = _trainer(small_config, minilm, tiny_volumes, tmp_path, max_steps=3)
+    first.fit()
+    assert first.trained_seconds > 0
+    spent = first.trained_seconds / 60
+    second = _trainer(small_config, minilm, tiny_volumes, tmp_path, max_steps=10, max_minutes=spent)
+    assert second.resume() and second.trained_seconds == pytest.approx(first.trained_seconds)
+    second.fit()
+    assert second.step == 3  # its budget was spent before this launch
+
+
+def _trained_outside_the_scan_encoder(trainer: DiffusionTrainer) -> list[torch.Tensor]:
+    encoder = {id(p) for p in trainer.model.scan_encoder.parameters()}
+    return [p.detach().clone() for p in trainer.params if id(p) not in encoder]
+
+
+@pytest.mark.parametrize("encoder_minutes", [0.0, 1e-6])
+def test_the_encoder_only_phase_ends_at_its_steps_or_its_minutes(small_config, minilm, tiny_volumes, tmp_path,
+                                                                 encoder_minutes):
+    """The warm-up trains the scan encoder alone; `encoder_minutes` ends it early (on a slower machine), so that
+    the time budget still leaves the whole model its share."""
+    trainer = _trainer(small_config, minilm, tiny_volumes, tmp_path, max_steps=3, encoder_steps=100,
+                       encoder_minutes=encoder_minutes)
+    before = _trained_outside_the_scan_encoder(trainer)
+    trainer.fit()
+    after = _trained_outside_the_scan_encoder(trainer)
+    rest_trained = any(not torch.equal(a, b) for a, b in zip(before, after))
+    if encoder_minutes:  # 60 µs: spent before the first step
+        assert trainer.whole_model_from == 0 and not trainer.in_encoder_phase and rest_trained
+    else:
+        assert trainer.whole_model_from is None and trainer.in_encoder_phase and not rest_trained
+
+
+def test_a_run_whose_time_ends_in_the_encoder_phase_writes_no_model(tmp_path):
+    """Its diffusion UNet never trained: the CLI says so and keeps the checkpoint instead of writing a model that
+    `promote` could serve."""
+    out = tmp_path / "run"
+    model = save_awake_tiny_model(tmp_path / "model")
+    with pytest.raises(SystemExit, match="inside its encoder-only phase"):
+        train.main(["--out", str(out), "--init-from", str(model), "--image-size", "32", "--organs", "liver",
+                    "--volume", str(SAMPLE / "phantom_000.nii.gz"), str(SAMPLE / "labels" / "final" / "phantom_000.nii.gz"),
+                    "schema", "--max-steps", "5", "--encoder-steps", "5", "--max-minutes", "1e-9",
+                    "--val-phantoms", "0", "--val-every", "0", "--batch-size", "2", "--threads", str(torch.get_num_threads())])
+    assert (out / "checkpoint.pt").is_file() and not (out / "model").exists()
 
 
 def test_boundary_jitter_moves_the_whole_boundary_out_or_in():

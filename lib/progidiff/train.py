@@ -13,6 +13,11 @@ On several processes (CPU cores, GPUs, nodes), launch it with torchrun; `--batch
     torchrun --nproc-per-node 2 -m progidiff.train --out runs/ddp ...
     torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29400 -m progidiff.train ...
 Rank 0 validates, logs, checkpoints and writes the model; `--out` must be a folder every node sees (resume).
+
+`--max-minutes` is the run's training time over every launch (a resumed run keeps its clock). `--encoder-steps N`
+trains the scan encoder alone first; `--encoder-minutes M` ends that phase after M minutes even if N steps are not
+done, so that on a slow machine the budget still leaves the whole model its share.  A run that ends inside that
+phase writes no model: its diffusion UNet has not trained.
 """
 
 from __future__ import annotations
@@ -195,6 +200,11 @@ def main(argv: list[str] | None = None) -> dict:
     first_step, fit_started = trainer.step, time.time()
     final = trainer.fit()
     train_seconds = time.time() - fit_started
+    if trainer.in_encoder_phase:
+        raise SystemExit(f"the run ended at step {trainer.step}, inside its encoder-only phase (--encoder-steps "
+                         f"{config.encoder_steps}): the diffusion UNet has not trained, so no model was written. "
+                         f"The checkpoint in {args.out} is kept: the same command with a larger --max-minutes, or "
+                         "with --encoder-minutes, goes on from it.")
     if not trainer.is_main:  # rank 0 writes what the run made
         dist.destroy_process_group()
         return {}
@@ -208,8 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
     record = {
         "command": "python -m progidiff.train " + " ".join(argv if argv is not None else sys.argv[1:]),
         "steps": trainer.step,
+        "ended_by": "steps" if trainer.step >= config.max_steps else "time",
+        "whole_model_from_step": trainer.whole_model_from,  # where the encoder-only phase ended (None: none)
         "wall_minutes": round((time.time() - start) / 60, 2),
         "train_seconds": round(train_seconds, 2),  # the steps of this launch (and their validations)
+        "train_minutes_all_launches": round(trainer.trained_seconds / 60, 2),  # what --max-minutes counts
         "steps_this_launch": trainer.step - first_step,
         "torch_threads": torch.get_num_threads(),
         "processes": trainer.world_size,

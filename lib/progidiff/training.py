@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class TrainConfig:
     max_steps: int = 2000
-    max_minutes: float = 0.0  # 0: no time limit
+    max_minutes: float = 0.0  # 0: no time limit; counts the training time of every launch of a resumed run
     batch_size: int = 8
     learning_rate: float = 3e-4
     weight_decay: float = 1e-4
@@ -56,6 +56,8 @@ class TrainConfig:
     mask_weight: float = 1.0  # weight of the soft Dice of the predicted clean mask (x0-prediction, pixel space)
     low_noise_bias: float = 0.0  # >0 samples timesteps more often near t=0 (sharper final steps)
     encoder_steps: int = 0  # the first steps train only the scan encoder, as a deterministic segmenter
+    encoder_minutes: float = 0.0  # >0: the encoder-only phase also ends after this much training time, so that
+    # on a slower machine the time budget (max_minutes) still leaves the whole model its share (0: steps alone)
     val_every: int = 500
     checkpoint_every: int = 200
     val_proposals: int = 2
@@ -211,6 +213,9 @@ class Trainer:
             raise ValueError(f"batch_size {config.batch_size} does not split over {self.world_size} processes")
         self.generator = torch.Generator().manual_seed(config.seed + self.rank)
         self.step = 0
+        self.trained_seconds = 0.0  # training time of the launches before this one (from the checkpoint)
+        self._launch_started: float | None = None  # when this launch's `fit` began
+        self.whole_model_from: int | None = None  # the step the encoder-only phase ended at (None: not yet)
         self.history: list[dict] = []
         self.losses: list[float] = []  # the loss of every step (averaged over the ranks), for the train record
         self.writer = SummaryWriter(str(self.out_dir / "tensorboard")) if self.is_main else None
@@ -227,6 +232,8 @@ class Trainer:
         return self.rank == 0
 
     # ---- what subclasses define ----------------------------------------------------------------
+    has_encoder_phase = False  # DiffusionTrainer: its first `encoder_steps` train the scan encoder alone
+
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         """Loss terms of one batch; the key "loss" is what is minimised."""
         raise NotImplementedError
@@ -250,6 +257,8 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "generator": self.generator.get_state(),
             "history": self.history,
+            "trained_seconds": self.elapsed(),
+            "whole_model_from": self.whole_model_from,
         }
         with atomic_file(self.checkpoint_path, suffix=".pt") as tmp:
             torch.save(state, tmp)
@@ -264,6 +273,9 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
         self.step, self.history = state["step"], state["history"]
+        self.trained_seconds = state.get("trained_seconds", 0.0)  # checkpoints before 2026-12-02: no clock
+        ended = self.config.encoder_steps if self.step >= self.config.encoder_steps else None
+        self.whole_model_from = state.get("whole_model_from", ended)
         if self.world_size > 1:  # the checkpoint holds rank 0's stream: each rank goes on with its own
             self.generator.manual_seed(self.config.seed + self.rank + 7919 * self.step)
             self.train_set.reseed(self.config.seed + self.rank + 7919 * self.step)
@@ -285,15 +297,45 @@ class Trainer:
             values /= self.world_size
         return dict(zip(losses, values.tolist()))
 
-    def should_stop(self, started: float) -> bool:
-        """Step or time budget spent; under torch.distributed rank 0's clock decides for every rank."""
-        cfg = self.config
-        stop = self.step >= cfg.max_steps or bool(cfg.max_minutes and time.time() - started > cfg.max_minutes * 60)
+    # ---- budgets -------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        """Seconds this run has trained, over every launch: a resumed run keeps its clock, so its time budget
+        means the same whether or not it was interrupted."""
+        launch = time.time() - self._launch_started if self._launch_started is not None else 0.0
+        return self.trained_seconds + launch
+
+    def _agreed(self, decision: bool) -> bool:
+        """Under torch.distributed rank 0's decision (its clock) holds for every rank."""
         if self.world_size > 1:
-            flag = torch.tensor([float(stop)])
+            flag = torch.tensor([float(decision)])
             dist.broadcast(flag, src=0)
-            stop = bool(flag.item())
-        return stop
+            decision = bool(flag.item())
+        return decision
+
+    def should_stop(self) -> bool:
+        """Step or time budget spent."""
+        cfg = self.config
+        out_of_time = bool(cfg.max_minutes and self.elapsed() > cfg.max_minutes * 60)
+        return self._agreed(self.step >= cfg.max_steps or out_of_time)
+
+    @property
+    def in_encoder_phase(self) -> bool:
+        """The scan encoder trains alone (the warm-up of `encoder_steps`), the rest of the model is untouched."""
+        return self.has_encoder_phase and self.config.encoder_steps > 0 and self.whole_model_from is None
+
+    def _end_encoder_phase_when_due(self) -> None:
+        """End the encoder-only phase at `encoder_steps`, or earlier when `encoder_minutes` of training are spent."""
+        cfg = self.config
+        by_time = bool(cfg.encoder_minutes and self.elapsed() > cfg.encoder_minutes * 60)
+        if not self.in_encoder_phase or not self._agreed(self.step >= cfg.encoder_steps or by_time):
+            return
+        self.whole_model_from = self.step
+        if self.step < cfg.encoder_steps:
+            logger.warning("encoder-only phase ended by its time budget (%g min) at step %d of %d: the whole model "
+                           "trains from here", cfg.encoder_minutes, self.step, cfg.encoder_steps)
+        else:
+            logger.info("encoder-only phase done at step %d after %.1f min: the whole model trains from here",
+                        self.step, self.elapsed() / 60)
 
     # ---- validation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -333,7 +375,7 @@ class Trainer:
         cfg = self.config
         loader = torch.utils.data.DataLoader(self.train_set, batch_size=cfg.batch_size // self.world_size,
                                              num_workers=0)
-        start = time.time()
+        start = self._launch_started = time.time()
         running: dict[str, float] = {}
         logger.info(
             "training %d trainable parameters for up to %d steps%s%s",
@@ -344,8 +386,9 @@ class Trainer:
         )
         first = self.step
         for batch in loader:
-            if self.should_stop(start):
+            if self.should_stop():
                 break
+            self._end_encoder_phase_when_due()
             losses = self.training_step(batch)
             self.step += 1
             self.losses.append(round(losses["loss"], 5))
@@ -359,22 +402,26 @@ class Trainer:
                 logger.info("step %d/%d  %s  %.2f s/step", self.step, cfg.max_steps, terms,
                             (time.time() - start) / (self.step - first))
             if cfg.val_every and self.step % cfg.val_every == 0:
-                self._record_validation(time.time() - start)
+                self._record_validation()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
+        self.trained_seconds, self._launch_started = self.elapsed(), None  # the clock stops with the loop
         if not self.is_main:
             return {}
+        if self.step < cfg.max_steps:
+            logger.warning("the time budget (%g min) ended the run at step %d of %d", cfg.max_minutes, self.step,
+                           cfg.max_steps)
         validated_now = bool(self.history) and self.history[-1]["step"] == self.step
-        final = self.history[-1] if validated_now else self._record_validation(time.time() - start)
+        final = self.history[-1] if validated_now else self._record_validation()
         self.save_checkpoint()
         self.writer.close()
         return final
 
-    def _record_validation(self, elapsed: float) -> dict:
+    def _record_validation(self) -> dict:
         result = self.validate()
         if not result:
             return {}
-        entry = {"step": self.step, "minutes": round(elapsed / 60, 2), **result}
+        entry = {"step": self.step, "minutes": round(self.elapsed() / 60, 2), **result}
         self.history.append(entry)
         self.writer.add_scalar("val/mean_dice", result["mean_dice"], self.step)
         for organ, value in result["dice"].items():
@@ -404,6 +451,8 @@ class Trainer:
 class DiffusionTrainer(Trainer):
     """ProGiDiff: diffusion loss on the prompted organ's mask + the scan encoder's anatomy loss."""
 
+    has_encoder_phase = True
+
     def __init__(self, model: ProGiDiffModel, prompt_encoder: PromptEncoder, *args, **kwargs):
         super().__init__(model, *args, **kwargs)
         self.prompt_encoder = prompt_encoder
@@ -411,7 +460,7 @@ class DiffusionTrainer(Trainer):
         self.direct_mask_loss = model.vae is None and self.scheduler.config.prediction_type == "sample"
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        if self.step < self.config.encoder_steps:
+        if self.in_encoder_phase:
             return self.encoder_loss(batch)
         image = batch["image"].to(self.device)
         size = self.model.working_size
