@@ -173,9 +173,10 @@ def test_a_run_whose_time_ends_in_the_encoder_phase_writes_no_model(tmp_path):
     model = save_awake_tiny_model(tmp_path / "model")
     with pytest.raises(SystemExit, match="inside its encoder-only phase"):
         train.main(["--out", str(out), "--init-from", str(model), "--image-size", "32", "--organs", "liver",
-                    "--volume", str(SAMPLE / "phantom_000.nii.gz"), str(SAMPLE / "labels" / "final" / "phantom_000.nii.gz"),
-                    "schema", "--max-steps", "5", "--encoder-steps", "5", "--max-minutes", "1e-9",
-                    "--val-phantoms", "0", "--val-every", "0", "--batch-size", "2", "--threads", str(torch.get_num_threads())])
+                    "--volume", str(SAMPLE / "phantom_000.nii.gz"),
+                    str(SAMPLE / "labels" / "final" / "phantom_000.nii.gz"), "schema",
+                    "--max-steps", "5", "--encoder-steps", "5", "--max-minutes", "1e-9", "--val-phantoms", "0",
+                    "--val-every", "0", "--batch-size", "2", "--threads", str(torch.get_num_threads())])
     assert (out / "checkpoint.pt").is_file() and not (out / "model").exists()
 
 
