@@ -103,9 +103,10 @@ def _trainer(small_config, minilm, volumes, out, **overrides) -> DiffusionTraine
     return DiffusionTrainer(model, minilm, dataset, volumes[:1], config, out)
 
 
-@pytest.mark.parametrize("boundary_jitter", [0.0, 1.5])
-def test_a_few_steps_reduce_the_loss(minilm, tiny_volumes, tmp_path, boundary_jitter):
-    trainer = _trainer(tiny_config(boundary_jitter=boundary_jitter), minilm, tiny_volumes, tmp_path, max_steps=40)
+@pytest.mark.parametrize("boundary_jitter, full_size_readout", [(0.0, False), (1.5, False), (0.0, True)])
+def test_a_few_steps_reduce_the_loss(minilm, tiny_volumes, tmp_path, boundary_jitter, full_size_readout):
+    config = tiny_config(boundary_jitter=boundary_jitter, full_size_readout=full_size_readout)
+    trainer = _trainer(config, minilm, tiny_volumes, tmp_path, max_steps=40)
     assert trainer.model.config.boundary_jitter == boundary_jitter
     batch = next(iter(torch.utils.data.DataLoader(trainer.train_set, batch_size=8)))
 

@@ -85,3 +85,36 @@ def test_encode_decode_mask_round_trip(small_model):
     probability = small_model.decode_mask(small_model.encode_mask(mask))
     assert probability.shape == (1, 1, 32, 32)
     assert ((probability >= 0.5) == mask.bool()).float().mean() > 0.95
+
+
+
+def test_full_size_readout_reads_organs_at_the_image_size():
+    """With the option the read-out is at the scan's size (32 px here), not the mask's (16 px); the branch
+    still reads the working-size features, so precomputed features give the same prediction."""
+    model = ProGiDiffModel.from_config(tiny_config(full_size_readout=True))
+    wake_control_branch(model)
+    noisy, timesteps, text, image, organ = _inputs(model)
+    encoder = model.scan_encoder
+    with torch.no_grad():
+        features = encoder.features(image)
+        assert encoder.organ_logits(features).shape[-2:] == (32, 32)
+        prediction = model(noisy, timesteps, text, image, organ)
+        assert prediction.shape[-2:] == (16, 16)
+        torch.testing.assert_close(prediction, model(noisy, timesteps, text, None, organ, features=features))
+    default = ProGiDiffModel.from_config(tiny_config())
+    with torch.no_grad():
+        assert default.scan_encoder.organ_logits(default.scan_encoder.features(image)).shape[-2:] == (16, 16)
+
+
+def test_decoded_mask_keeps_the_full_size_boundary_of_the_readout(small_model):
+    """A denoised mask that is exactly the averaged prior (no diffusion residual) decodes to the full-size
+    read-out's own probabilities, detail finer than the mask included; without the prior it would be blurred."""
+    prior = torch.full((1, 1, 32, 32), -6.0)
+    prior[..., 9:22, 5:18] = 6.0  # edges off the 16-px mask's 2-px grid
+    averaged = torch.nn.functional.interpolate(prior, size=16, mode="area")
+    latents = torch.tanh(averaged / 2)
+    with torch.no_grad():
+        kept = small_model.decode_mask(latents, full_size_prior=prior)
+        blurred = small_model.decode_mask(latents)
+    torch.testing.assert_close(kept, prior.sigmoid(), atol=1e-5, rtol=0)
+    assert ((blurred >= 0.5) != (prior >= 0)).any()

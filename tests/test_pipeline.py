@@ -33,12 +33,15 @@ def test_same_seed_same_proposals_different_seed_different(pipeline):
     assert not torch.allclose(a[0], a[1])  # proposals of one request differ from each other
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
-def test_proposals_do_not_depend_on_batching(small_model, minilm, scheduler):
+@pytest.mark.parametrize("scheduler, full_size_readout", [("ddim", False), ("ddpm", False), ("ddim", True)])
+def test_proposals_do_not_depend_on_batching(minilm, scheduler, full_size_readout):
     """Slice 2 sampled alone equals slice 2 sampled with its neighbours and other organs; with the
-    stochastic DDPM sampler too, whose per-step noise belongs to the proposal, not to the batch."""
-    wake_control_branch(small_model)
-    pipeline = ProGiDiffPipeline(small_model, minilm, scheduler=scheduler, show_progress=False)
+    stochastic DDPM sampler too, whose per-step noise belongs to the proposal, not to the batch; and with a
+    full-size read-out, whose prior each proposal, slice and organ takes back at decoding."""
+    torch.manual_seed(0)
+    model = ProGiDiffModel.from_config(tiny_config(full_size_readout=full_size_readout))
+    wake_control_branch(model)
+    pipeline = ProGiDiffPipeline(model, minilm, scheduler=scheduler, show_progress=False)
     images = _slices(3)
     together = pipeline(images, ["liver", "spleen"], num_proposals=2, steps=3, seed=1).probabilities
     alone = pipeline(images[2:], ["liver"], num_proposals=2, steps=3, seed=1).probabilities

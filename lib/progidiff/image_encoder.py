@@ -6,11 +6,18 @@ first looks at the slice through several fixed intensity windows (what a radiolo
 a per-slice standardised channel (what makes MR usable), then reduces it with residual conv
 stages to the resolution of the base UNet's first block.  Its last convolution is zero-initialised,
 as in ControlNet, so an untrained branch adds nothing to the base.
+
+Its organ read-out (the anatomy estimate the proposals are built around) can sit at the input size, on the
+backbone's features before the stages that reduce them (`full_size_readout`, off by default: tried on
+2026-12-02 for the small and thin organs a 64-px read-out loses, and worse at the recipe's budget; model/README.md,
+"Tried: the organ read-out at 128 px").  The features then carry those full-size channels folded into the
+working size (`pixel_unshuffle`), so that one tensor per slice still serves the branch and the read-out.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import UNet
 from torch import nn
 
@@ -74,6 +81,7 @@ class ScanEncoder(nn.Module):
         windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS,
         num_organs: int = 0,
         backbone_channels: tuple[int, ...] = (),
+        full_size_readout: bool = False,
     ):
         super().__init__()
         self.config = {
@@ -84,6 +92,7 @@ class ScanEncoder(nn.Module):
             "windows": [list(w) for w in windows],
             "num_organs": num_organs,
             "backbone_channels": list(backbone_channels),
+            "full_size_readout": full_size_readout,
         }
         self.windows = IntensityWindows(windows)
         # One stage per entry of `channels`; the first `downsample` stages after the first halve the size.
@@ -110,24 +119,40 @@ class ScanEncoder(nn.Module):
             layers.extend(ResidualBlock(width) for _ in range(blocks_per_stage))
         layers.append(nn.SiLU())
         self.body = nn.Sequential(*layers)
-        self.feature_channels = width
+        self.working_channels = width  # what the zero convolution reads
+        # The layers before the first stride-2 stage run at the input size: the backbone and stage 0.
+        self.full_size_layers = 1 + blocks_per_stage
+        self.fold = 2 ** downsample  # input size / working size
+        self.full_size_readout = full_size_readout and downsample > 0
+        full_size_channels = channels[0] * self.fold**2 if self.full_size_readout else 0
+        self.feature_channels = width + full_size_channels
         self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
         # One logit per organ: a deterministic "anatomy" read-out of the same features, trained with
         # Dice + BCE on every organ of the slice. Zero-initialised too, so an untrained branch stays silent.
-        self.organ_head = nn.Conv2d(width, num_organs, 1) if num_organs else None
+        head_channels = channels[0] if self.full_size_readout else width
+        self.organ_head = nn.Conv2d(head_channels, num_organs, 1) if num_organs else None
         for layer in (self.conv_out, self.organ_head):
             if layer is not None:
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
-        """Anatomy features before the zero convolutions."""
-        return self.body(self.windows(image).to(self.conv_out.weight.dtype))
+        """Anatomy features [B, feature_channels, h, w] at the working size, before the zero convolutions: the
+        working-size features, then (with `full_size_readout`) the full-size ones folded into channels."""
+        x = self.windows(image).to(self.conv_out.weight.dtype)
+        if not self.full_size_readout:
+            return self.body(x)
+        full_size = self.body[: self.full_size_layers](x)
+        working = self.body[self.full_size_layers :](full_size)
+        return torch.cat([working, F.pixel_unshuffle(full_size, self.fold)], dim=1)
 
     def organ_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Per-organ logits [B, num_organs, h, w] at the working size, from `features(image)`."""
+        """Per-organ logits [B, num_organs, s, s] from `features(image)`: at the input size with
+        `full_size_readout`, else at the working size."""
         if self.organ_head is None:
             raise ValueError("this scan encoder has no organ head (num_organs=0)")
+        if self.full_size_readout:
+            return self.organ_head(F.pixel_shuffle(features[:, self.working_channels :], self.fold))
         return self.organ_head(features)
 
     def forward(self, image_or_features: torch.Tensor) -> torch.Tensor:
@@ -136,4 +161,5 @@ class ScanEncoder(nn.Module):
         Accepts the scan [B, 1, H, W] or, so that a caller computes them once, `features(scan)`.
         """
         x = image_or_features
-        return self.conv_out(x if x.shape[1] == self.feature_channels else self.features(x))
+        x = x if x.shape[1] == self.feature_channels else self.features(x)
+        return self.conv_out(x[:, : self.working_channels])

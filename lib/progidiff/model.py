@@ -54,6 +54,7 @@ class ProGiDiffConfig:
     windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS
     organs: list[str] = field(default_factory=list)  # organs the model was trained on (empty: untrained)
     organ_prior: bool = True  # compact x0 model: add the scan encoder's organ read-out to the predicted mask
+    full_size_readout: bool = False  # organ read-out at image_size, its detail kept in the mask (decode_mask)
     boundary_jitter: float = 0.0  # px at image_size: proposals' boundaries spread over ± this (see training)
     proposal_spread: float = 4.0  # organ-prior logits: proposals span −this…+this (prior_offsets; model/README.md)
 
@@ -182,6 +183,7 @@ class ProGiDiffModel(nn.Module):
             windows=config.windows,
             num_organs=len(ORGAN_IDS),
             backbone_channels=config.encoder_backbone,
+            full_size_readout=config.full_size_readout and vae is None,  # a latent base has no organ prior to refine
         )
 
     # ---- the network ---------------------------------------------------------------------------
@@ -267,7 +269,10 @@ class ProGiDiffModel(nn.Module):
     @staticmethod
     def add_organ_prior(prediction: torch.Tensor, prior: torch.Tensor,
                         prior_offset: torch.Tensor | None = None) -> torch.Tensor:
-        """`prediction` plus the organ's read-out (offset per batch item), as 2·sigmoid − 1."""
+        """`prediction` plus the organ's read-out (offset per batch item), as 2·sigmoid − 1; a full-size read-out
+        is averaged down to the prediction's size first."""
+        if prior.shape[-2:] != prediction.shape[-2:]:
+            prior = F.interpolate(prior.float(), size=prediction.shape[-2:], mode="area")
         if prior_offset is not None:
             prior = prior + prior_offset.to(prior).view(-1, 1, 1, 1)
         return prediction + torch.tanh(prior / 2).to(prediction.dtype)
@@ -282,14 +287,29 @@ class ProGiDiffModel(nn.Module):
         x = x.to(self.vae.dtype).repeat(1, 3, 1, 1)
         return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
 
-    def decode_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """The denoised tensor → foreground probability [B,1,S,S] in [0,1] at the image size."""
+    def decode_mask(self, x: torch.Tensor, full_size_prior: torch.Tensor | None = None) -> torch.Tensor:
+        """The denoised tensor → foreground probability [B,1,S,S] in [0,1] at the image size.
+
+        `full_size_prior` [B,1,S,S]: the prompted organ's full-size read-out (logits, offset included) that was
+        added, averaged down, to the denoised mask (`add_organ_prior`).  Its detail finer than the mask (what
+        bilinear upsampling of the averaged prior misses) is added back, so the mask keeps the read-out's
+        full-size boundary and the diffusion model's own contribution is upsampled as before.
+        """
         if self.vae is not None:
             x = self.vae.decode(x / self.vae.config.scaling_factor).sample.mean(dim=1, keepdim=True)
         size = self.config.image_size
-        if x.shape[-1] != size:
-            x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
-        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        x = self._upsample(x.float(), size)
+        if full_size_prior is not None:
+            prior = full_size_prior.float()
+            averaged = F.interpolate(prior, size=self.working_size, mode="area")
+            x = x + torch.tanh(prior / 2) - self._upsample(torch.tanh(averaged / 2), size)
+        return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    @staticmethod
+    def _upsample(x: torch.Tensor, size: int) -> torch.Tensor:
+        if x.shape[-1] == size:
+            return x
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
     # ---- save / load ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:

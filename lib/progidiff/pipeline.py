@@ -234,9 +234,22 @@ class ProGiDiffPipeline:
         return self.model.add_organ_prior(shared.repeat(num_proposals, 1, 1, 1), prior.repeat(num_proposals, 1, 1, 1),
                                           offsets)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def prepare_full_size_prior(self, features: torch.Tensor, organs: list[str], num_proposals: int,
+                                offsets: torch.Tensor) -> torch.Tensor | None:
+        """[N·B·P, 1, S, S]: each latent's full-size organ read-out (logits, its proposal's offset included), which
+        `decode` needs to keep the read-out's boundary; None for a model whose read-out is at the mask's size.
+        Read from the slices' features [B, C, h, w] once, before they are repeated over proposals and organs."""
+        if not (self.model.uses_organ_prior and self.model.scan_encoder.full_size_readout):
+            return None
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            return self.model.decode_mask(latents).float()
+            logits = self.model.scan_encoder.organ_logits(features)
+        index = torch.tensor([ORGAN_IDS[o] - 1 for o in organs], device=logits.device)
+        prior = logits[:, index].float().reshape(-1, 1, *logits.shape[-2:])  # [B·P, 1, S, S]
+        return prior.repeat(num_proposals, 1, 1, 1) + offsets.view(-1, 1, 1, 1).float()
+
+    def decode(self, latents: torch.Tensor, full_size_prior: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            return self.model.decode_mask(latents, full_size_prior).float()
 
     @property
     def can_screen(self) -> bool:
@@ -279,6 +292,7 @@ class ProGiDiffPipeline:
         latents = self.prepare_latents(n, b, organs, seed)  # [N·B·P, C, h, w]
         generators = self.prepare_step_generators(n, b, organs, seed)
         offsets = self.prepare_prior_offsets(n, b, p)
+        full_size_prior = self.prepare_full_size_prior(features, organs, n, offsets)
 
         # Batch order is (proposal, slice, organ): repeat text over N·B, features over organs and N.
         text = text.repeat(n * b, 1, 1)
@@ -286,7 +300,7 @@ class ProGiDiffPipeline:
         organ_index = torch.tensor([ORGAN_IDS[o] - 1 for o in organs], device=self.device).repeat(n * b)
         latents = self.denoise(latents, text, features, organ_index, steps, generators, offsets, n)
 
-        probabilities = self.decode(latents)  # [N·B·P, 1, S, S]
+        probabilities = self.decode(latents, full_size_prior)  # [N·B·P, 1, S, S]
         probabilities = from_square(probabilities, images.shape[2], images.shape[3])
         probabilities = probabilities.reshape(n, b, p, images.shape[2], images.shape[3]).cpu()
         return ProposalOutput(probabilities=probabilities, organs=list(organs), seed=seed)

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-size", type=int, default=64)
     p.add_argument("--channels", default="16,32,64,64", help="compact UNet block widths")
     p.add_argument("--encoder-channels", default="16,32", help="scan encoder stage widths")
+    p.add_argument("--full-size-readout", action="store_true",
+                   help="organ read-out at --image-size, not --mask-size (model/README.md: tried, not adopted)")
     p.add_argument("--boundary-jitter", type=float, default=None, metavar="PX",
                    help="proposals' boundary spread: training masks grow or shrink by up to PX pixels, tied to "
                         "the diffusion noise (default: the --init-from model's, else 0)")
@@ -118,6 +120,7 @@ def build_model(args: argparse.Namespace, organs: list[str]) -> ProGiDiffModel:
             mask_size=args.mask_size,
             compact_channels=tuple(int(c) for c in args.channels.split(",")),
             encoder_channels=tuple(int(c) for c in args.encoder_channels.split(",")),
+            full_size_readout=args.full_size_readout,
         )
         model = ProGiDiffModel.from_config(config)
     if args.boundary_jitter is not None:
