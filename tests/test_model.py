@@ -87,7 +87,6 @@ def test_encode_decode_mask_round_trip(small_model):
     assert ((probability >= 0.5) == mask.bool()).float().mean() > 0.95
 
 
-
 def test_full_size_readout_reads_organs_at_the_image_size():
     """With the option the read-out is at the scan's size (32 px here), not the mask's (16 px); the branch
     still reads the working-size features, so precomputed features give the same prediction."""
