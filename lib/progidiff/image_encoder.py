@@ -92,7 +92,7 @@ class ScanEncoder(nn.Module):
             "windows": [list(w) for w in windows],
             "num_organs": num_organs,
             "backbone_channels": list(backbone_channels),
-            "full_size_readout": full_size_readout,
+            "full_size_readout": full_size_readout and downsample > 0,  # without a reduction it is the same read-out
         }
         self.windows = IntensityWindows(windows)
         # One stage per entry of `channels`; the first `downsample` stages after the first halve the size.
@@ -123,7 +123,7 @@ class ScanEncoder(nn.Module):
         # The layers before the first stride-2 stage run at the input size: the backbone and stage 0.
         self.full_size_layers = 1 + blocks_per_stage
         self.fold = 2 ** downsample  # input size / working size
-        self.full_size_readout = full_size_readout and downsample > 0
+        self.full_size_readout = self.config["full_size_readout"]
         full_size_channels = channels[0] * self.fold**2 if self.full_size_readout else 0
         self.feature_channels = width + full_size_channels
         self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)

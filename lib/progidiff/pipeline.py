@@ -64,6 +64,11 @@ def proposal_seed(seed: int, proposal: int, organ: str, stream: str = "start") -
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def organ_channels(organs: list[str], device: torch.device) -> torch.Tensor:
+    """The organs' channels in the scan encoder's read-out (schema value - 1)."""
+    return torch.tensor([ORGAN_IDS[o] - 1 for o in organs], device=device)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -243,8 +248,8 @@ class ProGiDiffPipeline:
             return None
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             logits = self.model.scan_encoder.organ_logits(features)
-        index = torch.tensor([ORGAN_IDS[o] - 1 for o in organs], device=logits.device)
-        prior = logits[:, index].float().reshape(-1, 1, *logits.shape[-2:])  # [B·P, 1, S, S]
+        prior = logits[:, organ_channels(organs, logits.device)].float()
+        prior = prior.reshape(-1, 1, *logits.shape[-2:])  # [B·P, 1, S, S]
         return prior.repeat(num_proposals, 1, 1, 1) + offsets.view(-1, 1, 1, 1).float()
 
     def decode(self, latents: torch.Tensor, full_size_prior: torch.Tensor | None = None) -> torch.Tensor:
@@ -268,8 +273,7 @@ class ProGiDiffPipeline:
         features) — a small fraction of one sampling step, to skip slices that cannot hold the organ."""
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             logits = self.model.scan_encoder.organ_logits(features.to(self.device))
-        index = torch.tensor([ORGAN_IDS[o] - 1 for o in organs], device=logits.device)
-        return logits[:, index].float().sigmoid().amax(dim=(2, 3)).cpu()
+        return logits[:, organ_channels(organs, logits.device)].float().sigmoid().amax(dim=(2, 3)).cpu()
 
     # ---- the whole flow ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -297,7 +301,7 @@ class ProGiDiffPipeline:
         # Batch order is (proposal, slice, organ): repeat text over N·B, features over organs and N.
         text = text.repeat(n * b, 1, 1)
         features = features.repeat_interleave(p, dim=0).repeat(n, 1, 1, 1)
-        organ_index = torch.tensor([ORGAN_IDS[o] - 1 for o in organs], device=self.device).repeat(n * b)
+        organ_index = organ_channels(organs, self.device).repeat(n * b)
         latents = self.denoise(latents, text, features, organ_index, steps, generators, offsets, n)
 
         probabilities = self.decode(latents, full_size_prior)  # [N·B·P, 1, S, S]

@@ -35,7 +35,7 @@ from .io_utils import atomic_file
 from .labels import ORGAN_IDS
 from .metrics import dice
 from .model import ProGiDiffModel
-from .pipeline import ProGiDiffPipeline, prompt_encoder_for
+from .pipeline import ProGiDiffPipeline, organ_channels, prompt_encoder_for
 from .proposals import MASK_THRESHOLD, summarise
 from .text import PromptEncoder
 
@@ -474,7 +474,7 @@ class DiffusionTrainer(Trainer):
         text = self.prompt_encoder.encode(list(batch["text"])).to(self.device)
         num_train = self.scheduler.config.num_train_timesteps
         t = sample_timesteps(x0.shape[0], num_train, self.config.low_noise_bias, self.generator).to(self.device)
-        organ_index = torch.tensor([ORGAN_IDS[o] - 1 for o in batch["organ"]], device=self.device)
+        organ_index = organ_channels(batch["organ"], self.device)
         noisy = self.scheduler.add_noise(x0, noise, t)
         prediction, logits = self.model(noisy, t, text, image, organ_index, return_organ_logits=True)
         terms = {"diffusion": F.mse_loss(prediction.float(), diffusion_target(self.scheduler, x0, noise, t).float())}
