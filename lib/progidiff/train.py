@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
     final = trainer.fit()
     train_seconds = time.time() - fit_started
     if trainer.in_encoder_phase:
+        if dist.is_initialized():  # every rank ends here: leave the process group cleanly (NCCL warns otherwise)
+            dist.destroy_process_group()
         raise SystemExit(f"the run ended at step {trainer.step}, inside its encoder-only phase (--encoder-steps "
                          f"{config.encoder_steps}): the diffusion UNet has not trained, so no model was written. "
                          f"The checkpoint in {args.out} is kept: the same command with a larger --max-minutes, or "
