@@ -10,8 +10,9 @@ as in ControlNet, so an untrained branch adds nothing to the base.
 Its organ read-out (the anatomy estimate the proposals are built around) can sit at the input size, on the
 backbone's features before the stages that reduce them (`full_size_readout`, off by default: tried on
 2026-12-02 for the small and thin organs a 64-px read-out loses, and worse both at the recipe's budget and at
-equal steps; model/README.md, "Tried: the organ read-out at 128 px").  The features then carry those full-size channels folded into the
-working size (`pixel_unshuffle`), so that one tensor per slice still serves the branch and the read-out.
+equal steps; model/README.md, "Tried: the organ read-out at 128 px").  The features then carry those full-size
+channels folded into the working size (`pixel_unshuffle`), so that one tensor per slice still serves the branch
+and the read-out.
 """
 
 from __future__ import annotations
