@@ -35,6 +35,7 @@ from progidiff.pipeline import prompt_encoder_for
 from progidiff.prompts import organ_text
 from progidiff.text import PromptEncoder
 from progidiff.training import boundary_shift, jitter_boundaries
+from progidiff.volume import axial_slices
 from held_out import SHARED_DATA as DATA, UNSEEN_ORGANS  # bench/held_out.py, beside this script
 from run import held_out_ct  # bench/run.py, beside this script
 
@@ -96,13 +97,14 @@ def main() -> None:
     text_encoder = prompt_encoder_for(model)
     baseline = BaselineSegmenter.from_pretrained(args.baseline)
     image, label, _ = held_out_ct(DATA, model.config.spacing_mm)  # the block bench/run.py scores
-    slices = image.permute(2, 0, 1)[:, None].float()
+    slices = axial_slices(image, model.config.context_slices)
     height, width = slices.shape[2:]
     square = to_square(slices, model.config.image_size)
     with torch.no_grad():
         prior_logits = model.scan_encoder.organ_logits(model.scan_encoder.features(square))
         prior_logits = F.interpolate(prior_logits, size=square.shape[-2:], mode="bilinear", align_corners=False)
-        baseline_logits = baseline(square)
+        centre = model.config.context_slices  # the baseline reads the slice alone
+        baseline_logits = baseline(square[:, centre : centre + 1])
     results = {"model": str(args.model), "baseline": str(args.baseline), "organs": {}}
     for organ in args.organs.split(","):
         reference = label == ORGAN_IDS[organ]

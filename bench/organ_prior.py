@@ -23,6 +23,7 @@ from progidiff.geometry import from_square, to_square
 from progidiff.labels import ORGAN_IDS
 from progidiff.metrics import dice
 from progidiff.model import ProGiDiffModel
+from progidiff.volume import axial_slices
 
 from held_out import CT_A, UNSEEN_ORGANS as ORGANS, held_out_block  # bench/held_out.py, beside this script
 
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @torch.no_grad()
 def prior_scores(model: ProGiDiffModel, image: np.ndarray, label: np.ndarray) -> dict[str, dict]:
-    slices = torch.from_numpy(image).permute(2, 0, 1)[:, None]
+    slices = axial_slices(image, model.config.context_slices)
     encoder = model.scan_encoder
     logits = encoder.organ_logits(encoder.features(to_square(slices, model.config.image_size)))
     logits = F.interpolate(logits, size=model.config.image_size, mode="bilinear", align_corners=False)

@@ -54,7 +54,7 @@ from progidiff.phantoms import write_sample_set  # noqa: E402
 from progidiff.pipeline import ProGiDiffPipeline  # noqa: E402
 from progidiff.predict import Predictor, load_volume  # noqa: E402
 from progidiff.outputs import maps_in_input_geometry  # noqa: E402
-from progidiff.volume import DEFAULT_SCREEN_THRESHOLD, segment_volume  # noqa: E402
+from progidiff.volume import DEFAULT_SCREEN_THRESHOLD, axial_slices, segment_volume  # noqa: E402
 
 from held_out import HELD_OUT  # noqa: E402  bench/held_out.py, beside this script
 
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict:
     has_data = (args.data / "ct_a").is_dir() and (args.data / "ct_unlabelled").is_dir()
     if has_data:
         image, label, spacing = held_out_ct(args.data, pipeline.model.config.spacing_mm)
-        slices = image.permute(2, 0, 1)[:, None]
+        slices = axial_slices(image, pipeline.model.config.context_slices)
     else:
         result["notes"].append(f"{args.data} not found: the real-CT sections were skipped; volumes are phantoms")
     with tempfile.TemporaryDirectory() as tmp:
@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
         phantom_case = ("fresh phantom seed 9000", phantom.image[0].as_tensor(),
                         np.asarray(phantom.data["label"][0]).astype(np.int64), phantom.voxel_spacing)
         if not has_data:
-            slices = phantom_case[1].permute(2, 0, 1)[:, None][10:18]
+            slices = axial_slices(phantom_case[1], pipeline.model.config.context_slices)[10:18]
         sections_start = time.perf_counter()
 
         def save(section: str) -> None:

@@ -97,15 +97,19 @@ def tiny_volumes():
 def _trainer(small_config, minilm, volumes, out, **overrides) -> DiffusionTrainer:
     torch.manual_seed(0)
     model = ProGiDiffModel.from_config(small_config)
-    dataset = SliceDataset([(volumes, 1.0)], small_config.image_size, TINY_ORGANS, seed=0)
+    dataset = SliceDataset([(volumes, 1.0)], small_config.image_size, TINY_ORGANS, seed=0,
+                           context_slices=small_config.context_slices)
     config = TrainConfig(**{"batch_size": 4, "learning_rate": 2e-3, "val_every": 0, "checkpoint_every": 0,
                             "val_proposals": 2, "val_steps": 2, "val_organs": "liver", **overrides})
     return DiffusionTrainer(model, minilm, dataset, volumes[:1], config, out)
 
 
-@pytest.mark.parametrize("boundary_jitter, full_size_readout", [(0.0, False), (1.5, False), (0.0, True)])
-def test_a_few_steps_reduce_the_loss(minilm, tiny_volumes, tmp_path, boundary_jitter, full_size_readout):
-    config = tiny_config(boundary_jitter=boundary_jitter, full_size_readout=full_size_readout)
+@pytest.mark.parametrize("boundary_jitter, full_size_readout, context_slices",
+                         [(0.0, False, 0), (1.5, False, 0), (0.0, True, 0), (0.0, False, 1)])
+def test_a_few_steps_reduce_the_loss(minilm, tiny_volumes, tmp_path, boundary_jitter, full_size_readout,
+                                     context_slices):
+    config = tiny_config(boundary_jitter=boundary_jitter, full_size_readout=full_size_readout,
+                         context_slices=context_slices)
     trainer = _trainer(config, minilm, tiny_volumes, tmp_path, max_steps=40)
     assert trainer.model.config.boundary_jitter == boundary_jitter
     batch = next(iter(torch.utils.data.DataLoader(trainer.train_set, batch_size=8)))

@@ -4,7 +4,7 @@ import torch
 from conftest import assert_same_proposals, tiny_config, wake_control_branch
 from progidiff.model import ProGiDiffModel, prior_offsets
 from progidiff.pipeline import ProGiDiffPipeline
-from progidiff.volume import scan_features, segment_volume, slices_to_sample
+from progidiff.volume import axial_slices, scan_features, segment_volume, slices_to_sample
 
 
 @pytest.fixture
@@ -127,6 +127,34 @@ def test_every_sampler_runs(small_model, minilm, scheduler):
     pipe = ProGiDiffPipeline(small_model, minilm, scheduler=scheduler, show_progress=False)
     out = pipe(_slices(1), ["aorta"], num_proposals=2, steps=4, seed=0)
     assert torch.isfinite(out.probabilities).all()
+
+
+def test_axial_slices_stack_each_slice_between_its_neighbours():
+    volume = torch.arange(4.0).view(1, 1, 4).expand(2, 3, 4)  # slice z holds the value z
+    assert axial_slices(volume).shape == (4, 1, 2, 3)
+    stacked = axial_slices(volume, context_slices=1)
+    assert stacked.shape == (4, 3, 2, 3)
+    assert stacked[:, :, 0, 0].tolist() == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]]  # the ends repeat
+
+
+def test_a_2_5d_model_reads_the_neighbouring_slices(minilm, tmp_path):
+    """With `context_slices` 1 a slice's proposals follow its neighbours (and nothing further), the setting
+    survives save and load, and lone slices are refused with what the model reads."""
+    torch.manual_seed(0)
+    model = ProGiDiffModel.from_config(tiny_config(context_slices=1))
+    wake_control_branch(model)
+    model.save_pretrained(tmp_path / "model")
+    pipeline = ProGiDiffPipeline(ProGiDiffModel.from_pretrained(tmp_path / "model"), minilm, show_progress=False)
+    assert pipeline.model.config.context_slices == 1
+    volume = torch.randn(30, 26, 5, generator=torch.Generator().manual_seed(2)) * 300
+    changed = volume.clone()
+    changed[..., 4] += 500.0
+    before = segment_volume(pipeline, volume, ["liver"], num_proposals=2, steps=2).probabilities.float()
+    after = segment_volume(pipeline, changed, ["liver"], num_proposals=2, steps=2).probabilities.float()
+    assert torch.allclose(before[..., :3], after[..., :3], atol=1e-3)  # slices 0-2 do not see slice 4
+    assert (before[..., 3] - after[..., 3]).abs().max() > 1e-2  # slice 3 does
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\] of slices, each with its 1 neighbours each side"):
+        pipeline(_slices(), ["liver"])
 
 
 def test_bad_inputs_are_rejected_early(pipeline, small_model, minilm):

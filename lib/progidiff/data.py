@@ -28,7 +28,7 @@ from .intensity import PercentileNormalisation
 from .labels import ORGAN_IDS, load_class_map, organs_present, to_schema
 from .phantoms import make_phantom
 from .prompts import ORGAN_SYNONYMS, organ_text
-from .volume import loading_transforms
+from .volume import context_indices, loading_transforms
 
 @dataclass
 class Volume:
@@ -147,8 +147,11 @@ class SliceDataset(torch.utils.data.Dataset):
         seed: int = 0,
         bias_field: bool = False,
         contrast_rate: float = 0.0,
+        context_slices: int = 0,
     ):
-        """`contrast_rate`: share of the samples from `unenhanced_ct` volumes moved to an enhanced phase."""
+        """`contrast_rate`: share of the samples from `unenhanced_ct` volumes moved to an enhanced phase.
+        `context_slices`: neighbours each side stacked with the slice as channels (2.5D, `volume.axial_slices`)."""
+        self.context_slices = context_slices
         self.groups = [(volumes, weight) for volumes, weight in groups if volumes]
         self.contrast_rate = contrast_rate
         self.image_size = image_size
@@ -180,12 +183,15 @@ class SliceDataset(torch.utils.data.Dataset):
         absent = [o for o in self.organs if ORGAN_IDS[o] not in in_slice]
         negative = bool(absent) and self.rng.random() < self.negative_rate
         organ = self.rng.choice(absent if negative else present)
-        image = volume.image[:, :, z]
+        stack = context_indices(z, volume.image.shape[2], self.context_slices)
+        images = [volume.image[:, :, i] for i in stack]
         if volume.unenhanced_ct and self.rng.random() < self.contrast_rate:
             phase = self.rng.choice(contrast.PHASES[1:])
-            image = contrast.simulate_phase(image, volume.label[:, :, z], ORGAN_IDS, phase,
-                                            np.random.default_rng(self.rng.getrandbits(32)), volume.spacing[0])
-        image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None, None])
+            seed = self.rng.getrandbits(32)  # one draw of the phase's HU for the slice and its neighbours
+            images = [contrast.simulate_phase(image, volume.label[:, :, i], ORGAN_IDS, phase,
+                                              np.random.default_rng(seed), volume.spacing[0])
+                      for image, i in zip(images, stack)]
+        image = torch.from_numpy(np.ascontiguousarray(np.stack(images), dtype=np.float32)[None])
         label = torch.from_numpy(volume.label[None, None, :, :, z].astype(np.float32))
         image = to_square(image, self.image_size)[0]
         label = to_square(label, self.image_size, mode="nearest")[0]

@@ -27,10 +27,12 @@ DEFAULT_WINDOWS: tuple[tuple[float, float], ...] = ((40.0, 400.0), (80.0, 200.0)
 
 
 class IntensityWindows(nn.Module):
-    """Raw intensities [B,1,H,W] → [B, len(windows)+1, H, W] in [-1, 1] (windows) plus a z-scored channel."""
+    """Raw intensities [B, C, H, W] → [B, C·(len(windows)+1), H, W]: each input slice (C > 1: the slice and its
+    neighbours, 2.5D) through every window in [-1, 1], plus its own z-scored channel."""
 
-    def __init__(self, windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS):
+    def __init__(self, windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS, in_channels: int = 1):
         super().__init__()
+        self.in_channels = in_channels
         centres = torch.tensor([c for c, _ in windows], dtype=torch.float32).view(1, -1, 1, 1)
         widths = torch.tensor([w for _, w in windows], dtype=torch.float32).view(1, -1, 1, 1)
         self.register_buffer("centres", centres, persistent=False)
@@ -38,15 +40,17 @@ class IntensityWindows(nn.Module):
 
     @property
     def out_channels(self) -> int:
-        return self.centres.shape[1] + 1
+        return self.in_channels * (self.centres.shape[1] + 1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.float()
+        b, c, h, w = image.shape
+        x = image.float().reshape(b * c, 1, h, w)
         windowed = ((x - self.centres) / self.widths * 2.0).clamp(-1.0, 1.0)
         mean = x.mean(dim=(2, 3), keepdim=True)
         std = x.std(dim=(2, 3), keepdim=True).clamp_min(1e-3)
         standardised = ((x - mean) / std).clamp(-5.0, 5.0) / 5.0
-        return torch.cat([windowed, standardised], dim=1).to(image.dtype if image.is_floating_point() else x.dtype)
+        out = torch.cat([windowed, standardised], dim=1).reshape(b, -1, h, w)
+        return out.to(image.dtype if image.is_floating_point() else x.dtype)
 
 
 class ResidualBlock(nn.Module):
@@ -83,7 +87,9 @@ class ScanEncoder(nn.Module):
         num_organs: int = 0,
         backbone_channels: tuple[int, ...] = (),
         full_size_readout: bool = False,
+        in_channels: int = 1,
     ):
+        """`in_channels`: axial slices per input, the slice itself and its neighbours (1 + 2 · context_slices)."""
         super().__init__()
         self.config = {
             "out_channels": out_channels,
@@ -94,8 +100,9 @@ class ScanEncoder(nn.Module):
             "num_organs": num_organs,
             "backbone_channels": list(backbone_channels),
             "full_size_readout": full_size_readout and downsample > 0,  # without a reduction it is the same read-out
+            "in_channels": in_channels,
         }
-        self.windows = IntensityWindows(windows)
+        self.windows = IntensityWindows(windows, in_channels)
         # One stage per entry of `channels`; the first `downsample` stages after the first halve the size.
         channels = tuple(channels) + (channels[-1],) * max(0, downsample + 1 - len(channels))
         width = channels[0]
@@ -159,7 +166,7 @@ class ScanEncoder(nn.Module):
     def forward(self, image_or_features: torch.Tensor) -> torch.Tensor:
         """The conditioning added to the UNet's first features.
 
-        Accepts the scan [B, 1, H, W] or, so that a caller computes them once, `features(scan)`.
+        Accepts the scan [B, in_channels, H, W] or, so that a caller computes them once, `features(scan)`.
         """
         x = image_or_features
         x = x if x.shape[1] == self.feature_channels else self.features(x)

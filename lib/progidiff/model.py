@@ -55,6 +55,7 @@ class ProGiDiffConfig:
     organs: list[str] = field(default_factory=list)  # organs the model was trained on (empty: untrained)
     organ_prior: bool = True  # compact x0 model: add the scan encoder's organ read-out to the predicted mask
     full_size_readout: bool = False  # organ read-out at image_size, its detail kept in the mask (decode_mask)
+    context_slices: int = 0  # 2.5D: neighbouring axial slices each side fed with the slice (volume.axial_slices)
     boundary_jitter: float = 0.0  # px at image_size: proposals' boundaries spread over ± this (see training)
     proposal_spread: float = 4.0  # organ-prior logits: proposals span −this…+this (prior_offsets; model/README.md)
 
@@ -63,11 +64,24 @@ class ProGiDiffConfig:
         return self.base != "compact"
 
     @property
+    def input_slices(self) -> int:
+        """Axial slices per model input: the slice itself and `context_slices` neighbours each side."""
+        return 1 + 2 * self.context_slices
+
+    @property
     def compact_mask_size(self) -> int:
         return self.mask_size or self.image_size
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ProGiDiffConfig":
+        """The config of a saved model folder (its `progidiff_config.json`), without its weights."""
+        config_path = Path(directory) / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{directory} is not a ProGiDiff model folder (no {CONFIG_NAME})")
+        return cls.from_json(json.loads(config_path.read_text()))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ProGiDiffConfig":
@@ -184,6 +198,7 @@ class ProGiDiffModel(nn.Module):
             num_organs=len(ORGAN_IDS),
             backbone_channels=config.encoder_backbone,
             full_size_readout=config.full_size_readout and vae is None,  # a latent base has no organ prior to refine
+            in_channels=config.input_slices,
         )
 
     # ---- the network ---------------------------------------------------------------------------
@@ -326,10 +341,7 @@ class ProGiDiffModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "ProGiDiffModel":
         directory = recover_directory(directory)  # a publish killed between its two renames left the old one aside
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{directory} is not a ProGiDiff model folder (no {CONFIG_NAME})")
-        config = ProGiDiffConfig.from_json(json.loads(config_path.read_text()))
+        config = ProGiDiffConfig.load(directory)
         vae = None
         if config.is_latent:
             base = resolve_base(config.base, directory)

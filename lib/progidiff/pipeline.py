@@ -145,9 +145,12 @@ class ProGiDiffPipeline:
 
     # ---- steps ---------------------------------------------------------------------------------
     def check_inputs(self, images: torch.Tensor, organs: list[str], num_proposals: int, steps: int) -> None:
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 1:
+        channels = self.model.config.input_slices
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != channels:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be a tensor [B, 1, H, W] of slices; got {shape}")
+            context = channels // 2
+            what = f"slices, each with its {context} neighbours each side (z order)" if context else "slices"
+            raise ValueError(f"images must be a tensor [B, {channels}, H, W] of {what}; got {shape}")
         if images.shape[0] == 0 or min(images.shape[2:]) < 2:
             raise ValueError(f"images must hold at least one slice of at least 2×2 pixels; got {tuple(images.shape)}")
         if not torch.isfinite(images).all():
@@ -164,11 +167,11 @@ class ProGiDiffPipeline:
         return self.prompt_encoder.encode([organ_text(o) for o in organs]).to(self.device)
 
     def prepare_condition(self, images: torch.Tensor) -> torch.Tensor:
-        """Slices of any shape → [B, 1, S, S] at the model's image size, raw intensities kept."""
+        """Slices of any shape → [B, C, S, S] at the model's image size, raw intensities kept."""
         return to_square(images.float(), self.model.config.image_size).to(self.device)
 
     def encode_scan(self, condition: torch.Tensor) -> torch.Tensor:
-        """[B, 1, S, S] slices → the scan encoder's features [B, C, h, w], computed once per slice."""
+        """[B, C, S, S] slices → the scan encoder's features [B, C, h, w], computed once per slice."""
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             return self.model.scan_encoder.features(condition)
 
@@ -263,8 +266,8 @@ class ProGiDiffPipeline:
 
     @torch.inference_mode()
     def encode_slices(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 1, H, W] slices → the scan encoder's features (what screening and sampling both read): a caller
-        that samples the same slices again (another organ, another request) computes them once."""
+        """[B, C, H, W] slices (`volume.axial_slices`) → the scan encoder's features (what screening and sampling
+        both read): a caller that samples the same slices again (another organ, another request) computes them once."""
         return self.encode_scan(self.prepare_condition(images))
 
     @torch.inference_mode()

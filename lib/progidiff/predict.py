@@ -13,7 +13,7 @@ from monai.data import MetaTensor
 
 from .baseline import BaselineSegmenter, is_baseline_folder
 from .pipeline import ProGiDiffPipeline
-from .volume import VolumeProposals, loading_transforms, reading_error, segment_volume
+from .volume import VolumeProposals, axial_slices, loading_transforms, reading_error, segment_volume
 
 
 class Predictor:
@@ -45,7 +45,7 @@ class Predictor:
             return segment_volume(self.pipeline, volume, organs, proposals, steps, seed, slice_batch=self.slice_batch,
                                   screen_threshold=self.screen_threshold)
         start = time.time()
-        slices = torch.as_tensor(volume, dtype=torch.float32).permute(2, 0, 1)[:, None]
+        slices = axial_slices(volume)
         probability = self.baseline.predict(slices, organs)  # [1, Z, P, X, Y]
         probability = probability.permute(0, 2, 3, 4, 1).to(torch.float16)  # [1, P, X, Y, Z]
         return VolumeProposals(organs, probability, seed, 1, time.time() - start)

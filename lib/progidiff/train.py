@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-channels", default="16,32", help="scan encoder stage widths")
     p.add_argument("--full-size-readout", action="store_true",
                    help="organ read-out at --image-size, not --mask-size (model/README.md: tried, not adopted)")
+    p.add_argument("--context-slices", type=int, default=None, metavar="K",
+                   help="2.5D: the model reads K neighbouring axial slices each side with the slice (default: the "
+                        "--init-from model's, else 0)")
     p.add_argument("--boundary-jitter", type=float, default=None, metavar="PX",
                    help="proposals' boundary spread: training masks grow or shrink by up to PX pixels, tied to "
                         "the diffusion noise (default: the --init-from model's, else 0)")
@@ -105,6 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def context_slices(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The neighbours each side the model reads: an --init-from model's own (its scan encoder was built for
+    them), else --context-slices (the baseline reads one slice)."""
+    if args.init_from:
+        own = ProGiDiffConfig.load(args.init_from).context_slices
+        if args.context_slices not in (None, own):
+            parser.error(f"--context-slices {args.context_slices}: the --init-from model reads {own}")
+        return own
+    if args.baseline and args.context_slices:
+        parser.error("--context-slices is for the ProGiDiff model; the baseline reads one slice")
+    if args.context_slices is not None and not 0 <= args.context_slices <= 4:
+        parser.error(f"--context-slices must be 0 to 4; got {args.context_slices}")
+    return args.context_slices or 0
+
+
 def lora_settings(args: argparse.Namespace) -> lora.LoraSettings:
     return lora.LoraSettings(rank=args.lora_rank, alpha=float(args.lora_rank))
 
@@ -121,6 +139,7 @@ def build_model(args: argparse.Namespace, organs: list[str]) -> ProGiDiffModel:
             compact_channels=tuple(int(c) for c in args.channels.split(",")),
             encoder_channels=tuple(int(c) for c in args.encoder_channels.split(",")),
             full_size_readout=args.full_size_readout,
+            context_slices=args.context_slices,
         )
         model = ProGiDiffModel.from_config(config)
     if args.boundary_jitter is not None:
@@ -181,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--lora adapts a trained model: give --init-from MODEL_DIR (and not --baseline)")
     if args.pseudo_mr and args.modality != "mr":
         parser.error("--pseudo-mr renders a CT as MR for MR training: give --modality mr")
+    args.context_slices = context_slices(args, parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -197,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
     groups = [(phantoms, 1.0 - args.real_weight if real else 1.0), (real, args.real_weight if phantoms else 1.0)]
     train_set = SliceDataset(groups, args.image_size, organs, seed=config.seed, bias_field=args.modality != "ct",
-                             contrast_rate=args.contrast_rate)
+                             contrast_rate=args.contrast_rate, context_slices=args.context_slices)
     trainer = build_trainer(args, organs, (train_set, val, config, args.out), device)
     trainer.resume()
     first_step, fit_started = trainer.step, time.time()

@@ -38,6 +38,7 @@ from .model import ProGiDiffModel
 from .pipeline import ProGiDiffPipeline, organ_channels, prompt_encoder_for
 from .proposals import MASK_THRESHOLD, summarise
 from .text import PromptEncoder
+from .volume import axial_slices
 
 logger = logging.getLogger(__name__)
 
@@ -353,7 +354,7 @@ class Trainer:
                 if not wanted:
                     continue
                 label = volume.label[:, :, ::2]  # every other slice: half the cost, same picture
-                images = torch.from_numpy(volume.image[:, :, ::2]).permute(2, 0, 1)[:, None]
+                images = axial_slices(volume.image, self.train_set.context_slices)[::2]
                 probabilities = self.predict(images, wanted)
                 for p, organ in enumerate(wanted):
                     reference = torch.from_numpy(label == ORGAN_IDS[organ]).permute(2, 0, 1)
@@ -519,7 +520,8 @@ def train_on_volumes(model: ProGiDiffModel, volumes: list[Volume], val_volumes: 
     the samples, as `train.py --phantoms --real-weight` mixes them."""
     others, share = mixed_with or ([], 0.0)  # SliceDataset leaves out an empty group
     train_set = SliceDataset([(volumes, 1.0 - share), (others, share)], model.config.image_size,
-                             list(model.config.organs), seed=config.seed, bias_field=bias_field)
+                             list(model.config.organs), seed=config.seed, bias_field=bias_field,
+                             context_slices=model.config.context_slices)
     trainer = DiffusionTrainer(model, prompt_encoder_for(model), train_set, val_volumes, config, out_dir, device=device)
     final = trainer.fit()
     trainer.ema.copy_to(trainer.params)

@@ -79,16 +79,27 @@ class VolumeProposals:
 def scan_features(pipeline: ProGiDiffPipeline, volume: torch.Tensor | np.ndarray, batch: int = 32) -> torch.Tensor:
     """The scan encoder's features of every axial slice of `volume` [X, Y, Z] ([Z, C, h, w], CPU): computed
     once, read by screening and by every organ's sampling (and cached by the app across requests)."""
-    slices = axial_slices(volume)
+    slices = axial_slices(volume, pipeline.model.config.context_slices)
     return torch.cat([pipeline.encode_slices(slices[i : i + batch]).cpu() for i in range(0, slices.shape[0], batch)])
 
 
-def axial_slices(volume: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """[X, Y, Z] → [Z, 1, X, Y] float32."""
+def axial_slices(volume: torch.Tensor | np.ndarray, context_slices: int = 0) -> torch.Tensor:
+    """[X, Y, Z] → [Z, 1 + 2 · context_slices, X, Y] float32: each slice with its neighbours (`context_indices`)."""
     volume = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
     if volume.ndim != 3:
         raise ValueError(f"a 3D volume [X, Y, Z] is needed; got shape {tuple(volume.shape)}")
-    return volume.permute(2, 0, 1)[:, None]
+    slices = volume.permute(2, 0, 1)
+    depth = slices.shape[0]
+    if context_slices == 0:
+        return slices[:, None]
+    index = torch.tensor([context_indices(z, depth, context_slices) for z in range(depth)])
+    return slices[index]
+
+
+def context_indices(z: int, depth: int, context_slices: int) -> list[int]:
+    """Slice `z` in the middle of its `context_slices` neighbours each side, in z order (2.5D input): at the
+    volume's first and last slices the edge slice stands in for the missing ones, as a scan's padding would."""
+    return [min(max(z + d, 0), depth - 1) for d in range(-context_slices, context_slices + 1)]
 
 
 def slices_to_sample(pipeline: ProGiDiffPipeline, features: torch.Tensor, organs: list[str], threshold: float,
@@ -136,7 +147,7 @@ def segment_volume(
     `features`: the volume's `scan_features` computed before (e.g. by an earlier request); else computed here.
     """
     start = time.time()
-    slices = axial_slices(volume)  # [Z, 1, X, Y]
+    slices = axial_slices(volume, pipeline.model.config.context_slices)  # [Z, 1 + 2 · context, X, Y]
     z, x, y = slices.shape[0], slices.shape[2], slices.shape[3]
     if features is None:
         features = scan_features(pipeline, volume)

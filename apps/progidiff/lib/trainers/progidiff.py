@@ -211,7 +211,7 @@ class ProGiDiffTrain(BasicTrainTask):
 
         organs = list(model.config.organs) or list(ORGAN_IDS)
         train_set = SliceDataset([(train_volumes, 1.0)], model.config.image_size, organs, seed=0,
-                                 bias_field=self.bias_field)
+                                 bias_field=self.bias_field, context_slices=model.config.context_slices)
         batch = int(request["train_batch_size"])
         steps_per_epoch = max(1, math.ceil(sum(len(s) for s in train_set.slices) / batch))
         epochs = int(request["max_epochs"])
