@@ -145,8 +145,8 @@ def main() -> None:
     full, full_trainable, full_minutes = None, 0, 0.0
     if args.steps:
         with tempfile.TemporaryDirectory() as work:
-            full, full_trainable, full_minutes = full_finetune([normalised(adaptation, normalisation_for("MR"))], args,
-                                                               Path(work))
+            runs = [normalised(v, normalisation_for("MR")) for v in adaptation]
+            full, full_trainable, full_minutes = full_finetune(runs, args, Path(work))
         logger.info("full fine-tuning: %.1f min", full_minutes)
     ct = ProGiDiffModel.from_pretrained(args.model)
     size = model_size(ct)

@@ -12,7 +12,7 @@ import torch
 
 from conftest import SHARED_DATA, requires_shared_data, save_awake_tiny_model, tiny_config, wake_control_branch
 from progidiff import evaluate, segment, train
-from progidiff.data import SliceDataset, load_volume_pair, phantom_volumes
+from progidiff.data import SliceDataset, Volume, load_volume_pair, phantom_volumes, split_slices
 from progidiff.labels import ORGAN_IDS, load_class_map, organs_present, to_schema
 from progidiff.model import ProGiDiffModel
 from progidiff.phantoms import PHANTOM_ORGANS, SLICE_MM, make_phantom, pancreas_block, write_sample_set
@@ -92,6 +92,17 @@ def test_real_ct_and_mr_labels_load_into_the_schema():
 @pytest.fixture(scope="module")
 def tiny_volumes():
     return phantom_volumes(2, seed=500)
+
+
+def test_a_held_out_block_leaves_contiguous_training_runs():
+    """The slices either side of a held-out block train as two volumes: no slice's neighbour lies across it."""
+    z = np.arange(10, dtype=np.float32)
+    volume = Volume(np.broadcast_to(z, (2, 3, 10)).copy(), np.zeros((2, 3, 10), np.uint8), "ct", (3.0, 3.0, 3.0), True)
+    runs, held_out = split_slices(volume, range(4, 6))
+    assert [run.image[0, 0].tolist() for run in runs] == [[0, 1, 2, 3], [6, 7, 8, 9]]
+    assert held_out.image[0, 0].tolist() == [4, 5] and all(run.unenhanced_ct for run in runs)
+    runs, _ = split_slices(volume, range(7, 10))
+    assert len(runs) == 1 and runs[0].image.shape[2] == 7
 
 
 def _trainer(small_config, minilm, volumes, out, **overrides) -> DiffusionTrainer:

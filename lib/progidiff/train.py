@@ -187,9 +187,11 @@ def load_data(args: argparse.Namespace) -> tuple[list[Volume], list[Volume], lis
     for image, label, label_map in args.volume:
         volume = normalised(load_volume_pair(image, label, label_map, spacing=args.spacing_mm), normalisation)
         if args.hold_out is not None:
-            volume, held_out = split_slices(volume, args.hold_out)
+            runs, held_out = split_slices(volume, args.hold_out)
             val.append(held_out)
-        real.append(volume)
+            real.extend(runs)
+        else:
+            real.append(volume)
     return phantoms, real, val
 
 
@@ -210,8 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
     phantoms, real, val = load_data(args)
     if not phantoms and not real:
         raise SystemExit("nothing to train on: give --phantoms N and/or --volume IMAGE LABEL MAP")
-    logger.info("data: %d phantoms / pseudo-MR, %d real volumes (%d non-contrast CT), %d validation volumes (%.0f s)",
-                len(phantoms), len(real), sum(v.unenhanced_ct for v in real), len(val), time.time() - start)
+    logger.info("data: %d phantoms / pseudo-MR, %d real volumes (%d runs of training slices, %d of them non-contrast "
+                "CT), %d validation volumes (%.0f s)", len(phantoms), len(args.volume), len(real),
+                sum(v.unenhanced_ct for v in real), len(val), time.time() - start)
 
     device = process_device(args.device)
     config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps_this_launch": trainer.step - first_step,
         "torch_threads": torch.get_num_threads(),
         "processes": trainer.world_size,
-        "volumes": {"synthetic": len(phantoms), "real": len(real), "validation": len(val)},
+        "volumes": {"synthetic": len(phantoms), "real": len(args.volume), "validation": len(val)},
         "final_validation": final,
         "history": trainer.history,
         "config": asdict(config),

@@ -263,7 +263,7 @@ def _hold_out_blocks(volumes: list[Volume], share: float) -> tuple[list[Volume],
         depth = volume.image.shape[2]
         size = min(depth - 1, max(1, round(depth * share)))
         kept, held = split_slices(volume, range(depth - size, depth))
-        train.append(kept)
+        train.extend(kept)
         val.append(held)
     return train, val
 
