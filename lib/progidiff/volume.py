@@ -79,7 +79,11 @@ class VolumeProposals:
 def scan_features(pipeline: ProGiDiffPipeline, volume: torch.Tensor | np.ndarray, batch: int = 32) -> torch.Tensor:
     """The scan encoder's features of every axial slice of `volume` [X, Y, Z] ([Z, C, h, w], CPU): computed
     once, read by screening and by every organ's sampling (and cached by the app across requests)."""
-    slices = axial_slices(volume, pipeline.model.config.context_slices)
+    return encode_in_batches(pipeline, axial_slices(volume, pipeline.model.config.context_slices), batch)
+
+
+def encode_in_batches(pipeline: ProGiDiffPipeline, slices: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """`scan_features` of slices already stacked by `axial_slices`, `batch` slices at a time."""
     return torch.cat([pipeline.encode_slices(slices[i : i + batch]).cpu() for i in range(0, slices.shape[0], batch)])
 
 
@@ -150,7 +154,7 @@ def segment_volume(
     slices = axial_slices(volume, pipeline.model.config.context_slices)  # [Z, 1 + 2 · context, X, Y]
     z, x, y = slices.shape[0], slices.shape[2], slices.shape[3]
     if features is None:
-        features = scan_features(pipeline, volume)
+        features = encode_in_batches(pipeline, slices)
     encoded = time.time()
     probabilities = torch.zeros(num_proposals, len(organs), x, y, z, dtype=torch.float16)
     wanted = slices_to_sample(pipeline, features, organs, screen_threshold)
