@@ -23,12 +23,14 @@ adapter recovers, per organ; trainable parameters and training minutes.  JSON be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from progidiff import lora
@@ -51,16 +53,20 @@ RECIPE_HOLD_OUT = "5:10,15:20"  # as in model/README.md's adapter recipe
 logger = logging.getLogger("bench.mr_adaptation")
 
 
-def score(model: ProGiDiffModel, volumes: list[Volume], normalisation: PercentileNormalisation | None,
+def score(model: ProGiDiffModel, studies: list[list[Volume]], normalisation: PercentileNormalisation | None,
           args: argparse.Namespace) -> dict:
-    """Per organ, over the volumes' slices together: consensus / best Dice and HD95 (mean over volumes)."""
+    """Per organ: consensus / best Dice and HD95 of each study over all its slices, the mean over studies.
+    A study is a list of contiguous runs of slices (the held-out block is two), each segmented on its own so
+    that a 2.5D model never reads a slice beyond its run as a neighbour, and scored together."""
     pipeline = ProGiDiffPipeline.from_model(model, device="cpu", show_progress=False)
     per_volume = []
-    for volume in volumes:
-        wanted = [o for o in ORGANS if (volume.label == ORGAN_IDS[o]).any()]
-        image = torch.from_numpy(normalised(volume, normalisation).image)
-        proposals = segment_volume(pipeline, image, wanted, args.proposals, args.sampling_steps, args.seed)
-        per_volume.append(score_proposals(proposals, volume.label, volume.spacing))
+    for runs in studies:
+        label = np.concatenate([run.label for run in runs], axis=2)
+        wanted = [o for o in ORGANS if (label == ORGAN_IDS[o]).any()]
+        proposals = [segment_volume(pipeline, torch.from_numpy(normalised(run, normalisation).image), wanted,
+                                    args.proposals, args.sampling_steps, args.seed) for run in runs]
+        pooled = dataclasses.replace(proposals[0], probabilities=torch.cat([p.probabilities for p in proposals], dim=4))
+        per_volume.append(score_proposals(pooled, label, runs[0].spacing))
     result = {}
     for organ in ORGANS:
         rows = [v[organ] for v in per_volume if organ in v]
@@ -139,7 +145,7 @@ def main() -> None:
     study = load_volume_pair(MR_A / "image.nii.gz", MR_A / "label.nii.gz", "total_mr", spacing=3.0)
     adaptation, held_out = split_slices(study, parse_ranges(RECIPE_HOLD_OUT))
     cases = {"mr_a held-out block (z 5-9, 15-19)": [held_out],
-             f"fresh MR phantoms ({args.phantoms})": phantom_volumes(args.phantoms, 6100, "mr")}
+             f"fresh MR phantoms ({args.phantoms})": [[v] for v in phantom_volumes(args.phantoms, 6100, "mr")]}
 
     adapted, adapter_normalisation, adapter_trainable = with_adapter(args)
     full, full_trainable, full_minutes = None, 0, 0.0

@@ -100,7 +100,10 @@ def test_a_held_out_block_leaves_contiguous_training_runs():
     volume = Volume(np.broadcast_to(z, (2, 3, 10)).copy(), np.zeros((2, 3, 10), np.uint8), "ct", (3.0, 3.0, 3.0), True)
     runs, held_out = split_slices(volume, range(4, 6))
     assert [run.image[0, 0].tolist() for run in runs] == [[0, 1, 2, 3], [6, 7, 8, 9]]
-    assert held_out.image[0, 0].tolist() == [4, 5] and all(run.unenhanced_ct for run in runs)
+    assert [run.image[0, 0].tolist() for run in held_out] == [[4, 5]] and all(run.unenhanced_ct for run in runs)
+    runs, held_out = split_slices(volume, [2, 3, 7])
+    assert [run.image[0, 0].tolist() for run in held_out] == [[2, 3], [7]]
+    assert [run.image[0, 0].tolist() for run in runs] == [[0, 1], [4, 5, 6], [8, 9]]
     runs, _ = split_slices(volume, range(7, 10))
     assert len(runs) == 1 and runs[0].image.shape[2] == 7
 

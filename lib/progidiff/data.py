@@ -92,16 +92,20 @@ def phantom_volumes(count: int, seed: int, modality: str = "ct", phases: list[st
         return pool.starmap(phantom_volume, jobs, chunksize=4)
 
 
-def split_slices(volume: Volume, held_out: Collection[int]) -> tuple[list[Volume], Volume]:
-    """(training runs, held-out z-block) of one volume: a block, so neighbours of a test slice never train.
-    The slices left for training come as one volume per contiguous run, so that a slice's neighbours (2.5D
-    input) are its own and never the slice beyond the held-out block."""
-    keep = [z for z in range(volume.image.shape[2]) if z not in held_out]
-    out = [z for z in range(volume.image.shape[2]) if z in held_out]
-    part = lambda zs, tag: dataclasses.replace(  # noqa: E731
-        volume, image=volume.image[:, :, zs], label=volume.label[:, :, zs], name=f"{volume.name}[{tag}]")
-    runs = [list(run) for run in np.split(np.array(keep, dtype=int), np.flatnonzero(np.diff(keep) > 1) + 1) if len(run)]
-    return [part(run, f"train {run[0]}-{run[-1]}") for run in runs], part(out, "held-out")
+def split_slices(volume: Volume, held_out: Collection[int]) -> tuple[list[Volume], list[Volume]]:
+    """(training runs, held-out runs) of one volume: a block, so neighbours of a test slice never train.
+    Both sides come as one volume per contiguous run of z-slices, so that a slice's neighbours (2.5D input)
+    are its own and never the slice beyond the other side's block."""
+    depth = volume.image.shape[2]
+
+    def runs_of(zs: list[int], tag: str) -> list[Volume]:
+        breaks = np.flatnonzero(np.diff(zs) > 1) + 1
+        runs = [run.tolist() for run in np.split(np.array(zs, dtype=int), breaks) if len(run)]
+        return [dataclasses.replace(volume, image=volume.image[:, :, run], label=volume.label[:, :, run],
+                                    name=f"{volume.name}[{tag} {run[0]}-{run[-1]}]") for run in runs]
+
+    return (runs_of([z for z in range(depth) if z not in held_out], "train"),
+            runs_of([z for z in range(depth) if z in held_out], "held-out"))
 
 
 def augmentation(image_size: int, bias_field: bool = False) -> mt.Compose:

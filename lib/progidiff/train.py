@@ -188,7 +188,7 @@ def load_data(args: argparse.Namespace) -> tuple[list[Volume], list[Volume], lis
         volume = normalised(load_volume_pair(image, label, label_map, spacing=args.spacing_mm), normalisation)
         if args.hold_out is not None:
             runs, held_out = split_slices(volume, args.hold_out)
-            val.append(held_out)
+            val.extend(held_out)
             real.extend(runs)
         else:
             real.append(volume)

@@ -264,7 +264,7 @@ def _hold_out_blocks(volumes: list[Volume], share: float) -> tuple[list[Volume],
         size = min(depth - 1, max(1, round(depth * share)))
         kept, held = split_slices(volume, range(depth - size, depth))
         train.extend(kept)
-        val.append(held)
+        val.extend(held)
     return train, val
 
 
