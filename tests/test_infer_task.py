@@ -128,6 +128,23 @@ def test_an_mr_study_without_an_mr_adapter_is_answered_with_a_warning(task):
     assert any("no MR adapter is published" in w and "/train/progidiff_mr_lora" in w for w in result["warnings"])
 
 
+def test_an_adapter_trained_on_another_model_is_named_in_the_warning_and_ct_is_still_served(tmp_path):
+    """The model replaced by a 2.5D one while the MR adapter of the old one stays published: MR studies get the
+    bare model with a warning that says why, CT studies are answered as before (no 500 on every request)."""
+    old = ProGiDiffModel.from_pretrained(save_awake_tiny_model(tmp_path / "old_model"))
+    settings = lora.LoraSettings(rank=4)
+    lora.add_adapter(old, "mr", settings)
+    lora.save_adapter(old, "mr", tmp_path / "adapters" / "mr", settings,
+                      extra=lora.adapter_record("MR", tmp_path / "old_model", normalisation_for("MR")))
+    task = infer_task(save_awake_tiny_model(tmp_path / "model", context_slices=1))
+    mr = ROOT / "sample-datasets" / "mr" / "phantom_000_mr.nii.gz"
+    _, result = task({**REQUEST, "image": str(mr), "prompt": "liver"})
+    assert (result["modality"], result["adapter"]) == ("MR", None)
+    assert any("adapter does not fit" in w and "retrain" in w for w in result["warnings"]), result["warnings"]
+    _, ct = task({**REQUEST, "prompt": "liver"})
+    assert ct["modality"] == "CT" and not any("adapter" in w for w in ct["warnings"])
+
+
 def test_an_mr_adapter_reads_each_study_rescaled_so_the_scanners_scale_does_not_matter(tmp_path):
     model_dir = save_awake_tiny_model(tmp_path / "model")
     model = ProGiDiffModel.from_pretrained(model_dir)

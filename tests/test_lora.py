@@ -106,3 +106,17 @@ def test_the_cli_refuses_pseudo_mr_for_a_ct_training(tmp_path, capsys):
         train.main(["--out", str(tmp_path / "run"), "--pseudo-mr", str(ct / "phantom_001.nii.gz"),
                     str(ct / "labels" / "final" / "phantom_001.nii.gz"), "schema"])
     assert "--pseudo-mr renders a CT as MR" in capsys.readouterr().err
+
+
+def test_an_adapter_of_another_model_is_refused_and_leaves_the_model_as_it_was(tmp_path):
+    """A 2.5D model's scan encoder reads 3 slices: the LoRA of a 1-slice model does not fit its first layer."""
+    torch.manual_seed(0)
+    one_slice = ProGiDiffModel.from_config(tiny_config(organs=["liver"]))
+    lora.add_adapter(one_slice, "mr", lora.LoraSettings(rank=4))
+    lora.save_adapter(one_slice, "mr", tmp_path / "mr", lora.LoraSettings(rank=4))
+    two_and_a_half_d = ProGiDiffModel.from_config(tiny_config(organs=["liver"], context_slices=1))
+    with pytest.raises(ValueError, match="does not fit this model.*retrain"):
+        lora.load_adapter(two_and_a_half_d, tmp_path / "mr", "mr")
+    assert lora.adapter_names(two_and_a_half_d) == [] and lora.active_adapter(two_and_a_half_d) is None
+    lora.add_adapter(two_and_a_half_d, "mr", lora.LoraSettings(rank=4))  # the name is free for its own adapter
+    assert lora.adapter_names(two_and_a_half_d) == ["mr"]

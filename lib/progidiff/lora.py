@@ -42,10 +42,21 @@ class LoraSettings:
     base_attention: bool = False  # also adapt the base UNet's attention projections
 
 
+def plain_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`named_modules()` as the model was built: a layer that peft has wrapped (an adapter was added, even if
+    removed since) by its own name, and not the adapters' low-rank layers."""
+    layers = []
+    for name, layer in module.named_modules():
+        if ".lora_" in name:
+            continue
+        layers.append((name.removesuffix(".base_layer"), layer))
+    return layers
+
+
 def branch_targets(controlnet: nn.Module) -> list[str]:
     """Every convolution of the scan encoder, the branch's ResNet convolutions and attention projections."""
     names = []
-    for name, module in controlnet.named_modules():
+    for name, module in plain_layers(controlnet):
         if name.startswith("controlnet_cond_embedding.") and isinstance(module, nn.Conv2d):
             names.append(name)
         elif isinstance(module, (nn.Conv2d, nn.Linear)) and BRANCH_LAYERS.search(name):
@@ -54,7 +65,7 @@ def branch_targets(controlnet: nn.Module) -> list[str]:
 
 
 def base_attention_targets(unet: nn.Module) -> list[str]:
-    return [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and ATTENTION_LAYERS.search(n)]
+    return [n for n, m in plain_layers(unet) if isinstance(m, nn.Linear) and ATTENTION_LAYERS.search(n)]
 
 
 def _lora_config(settings: LoraSettings, targets: list[str]) -> LoraConfig:
@@ -112,20 +123,33 @@ def adapter_record(modality: str, base_model: str | Path, normalisation: Percent
 def load_adapter(model: ProGiDiffModel, directory: str | Path, name: str) -> dict:
     """Add the adapter saved in `directory` under `name` (the active adapter does not change).
 
-    Returns its config (`adapter_config.json`)."""
+    Returns its config (`adapter_config.json`). An adapter trained on another model (other layers or layer
+    shapes, e.g. a 2.5D model's scan encoder) raises ValueError and leaves the model as it was."""
     directory = Path(directory)
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
     settings = LoraSettings(**config["settings"])
     weights = load_file(directory / ADAPTER_WEIGHTS)
+    if name in adapter_names(model):
+        raise ValueError(f"the model already has an adapter {name!r}; remove it first")
     active = active_adapter(model)
-    for part, targets in config["target_modules"].items():
-        module = getattr(model, part)
-        module.add_adapter(_lora_config(settings, list(targets)), adapter_name=name)
-        prefix = f"{part}."
-        state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        result = set_peft_model_state_dict(module, state, adapter_name=name)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"{directory} does not fit this model: unexpected keys {result.unexpected_keys[:3]}")
+    try:
+        for part, targets in config["target_modules"].items():
+            module = getattr(model, part)
+            module.add_adapter(_lora_config(settings, list(targets)), adapter_name=name)
+            prefix = f"{part}."
+            state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+            try:
+                result = set_peft_model_state_dict(module, state, adapter_name=name)
+            except RuntimeError as error:  # torch's "size mismatch for ..."
+                raise ValueError(f"{directory} does not fit this model (it was trained on "
+                                 f"{config.get('base_model', 'another model')}; retrain it on this one): "
+                                 f"{str(error).splitlines()[-1].strip()}") from None
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"{directory} does not fit this model: unexpected keys {result.unexpected_keys[:3]}")
+    except ValueError:
+        activate(model, active)
+        remove_adapter(model, name)
+        raise
     activate(model, active)
     model.requires_grad_(False)
     return config

@@ -86,6 +86,7 @@ class ServedModel:
     version: str
     pipeline: ProGiDiffPipeline = field(repr=False)
     adapter_configs: dict[str, dict] = field(default_factory=dict, repr=False)  # name → its adapter_config.json
+    unfit_adapters: dict[str, str] = field(default_factory=dict, repr=False)  # name → why it was not loaded
 
     def normalisation(self, adapter: str | None) -> PercentileNormalisation | None:
         """How a study is rescaled before `adapter` reads it: what the adapter was trained with (none for the
@@ -220,11 +221,8 @@ class ProGiDiffInfer(BasicInferTask):
             version = self.model_version()
             try:
                 model = ProGiDiffModel.from_pretrained(self.model_dir)
-                adapter_configs = {}
-                for folder in published_folders(self.adapters_dir, lora.ADAPTER_CONFIG):
-                    adapter_configs[folder.name] = lora.load_adapter(model, folder, folder.name)
-                    logger.info("loaded the %s adapter from %s", folder.name, folder)
-                return ServedModel(version, adapter_configs=adapter_configs, pipeline=ProGiDiffPipeline(
+                adapter_configs, unfit = self._load_adapters(model)
+                pipeline = ProGiDiffPipeline(
                     model,
                     prompt_encoder_for(model, self.model_dir),
                     scheduler=self.settings.scheduler,
@@ -233,11 +231,25 @@ class ProGiDiffInfer(BasicInferTask):
                     show_progress=False,
                     spread=self.settings.pipeline_spread(),
                     proposal_noise=self.settings.proposal_noise,
-                ))
+                )
+                return ServedModel(version, pipeline, adapter_configs, unfit)
             except OSError:
                 failures += 1
                 if failures == 3:
                     raise
+
+    def _load_adapters(self, model: ProGiDiffModel) -> tuple[dict[str, dict], dict[str, str]]:
+        """Every published adapter onto `model`: (name → its config, name → why it does not fit). One trained
+        on another model (after the model was replaced) is left out and named, so that the rest is served."""
+        configs, unfit = {}, {}
+        for folder in published_folders(self.adapters_dir, lora.ADAPTER_CONFIG):
+            try:
+                configs[folder.name] = lora.load_adapter(model, folder, folder.name)
+                logger.info("loaded the %s adapter from %s", folder.name, folder)
+            except ValueError as error:
+                unfit[folder.name] = str(error)
+                logger.error("not using the %s adapter: %s", folder.name, error)
+        return configs, unfit
 
     def known_organs(self) -> tuple[str, ...]:
         return self.served().known_organs()
@@ -446,18 +458,23 @@ class ProGiDiffInfer(BasicInferTask):
         if params.proposal_layers:
             data["result"]["segments"] = data["progidiff_segments"]
         data["result"]["warnings"] = self.warnings(data["progidiff_modality"][0], data.get("progidiff_adapter"),
-                                                   data.get("progidiff_stats", {}))
+                                                   data.get("progidiff_stats", {}), data[SERVED_MODEL].unfit_adapters)
         return data
 
-    def warnings(self, modality: str, adapter: str | None, stats: dict[str, dict]) -> list[str]:
+    def warnings(self, modality: str, adapter: str | None, stats: dict[str, dict],
+                 unfit_adapters: dict[str, str] | None = None) -> list[str]:
         """What the user should know before trusting the masks (also logged): a modality the model is not adapted
-        to, an organ volume implausible for an adult (`progidiff.plausibility`)."""
+        to (no adapter, or one trained on another model), an organ volume implausible for an adult
+        (`progidiff.plausibility`)."""
         warnings = []
         if modality != "CT" and adapter is None:
+            unfit = (unfit_adapters or {}).get(modality.lower())
+            published = (f"the published {modality} adapter does not fit it ({unfit})" if unfit else
+                         f"no {modality} adapter is published ({self.adapters_dir / modality.lower()})")
             warnings.append(
-                f"this study is {modality} but the served model is trained on CT and no {modality} adapter is "
-                f"published ({self.adapters_dir / modality.lower()}): do not trust its masks. To adapt it, save "
-                f"'final' labels of a few {modality} studies and POST /train/progidiff_{modality.lower()}_lora")
+                f"this study is {modality} but the served model is trained on CT and {published}: do not trust its "
+                f"masks. To adapt it, save 'final' labels of a few {modality} studies and "
+                f"POST /train/progidiff_{modality.lower()}_lora")
         warnings += volume_warnings({o: s["consensus_volume_ml"] for o, s in stats.items()},
                                     {o: s["reaches_scan_end"] for o, s in stats.items()})
         for warning in warnings:

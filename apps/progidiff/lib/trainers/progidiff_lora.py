@@ -86,11 +86,16 @@ class ProGiDiffLoraTrain(ProGiDiffTrain):
 
     def served_validation(self, trainer: DiffusionTrainer) -> dict:
         """The adapter published for this modality (what its studies get now); with none, the bare model (the
-        new adapter starts as a no-op)."""
+        new adapter starts as a no-op); the bare model too when the published one was trained on another model
+        (the infer task does not use it either)."""
         published = Path(self._publish_path)
         if not (published / lora.ADAPTER_CONFIG).is_file():
             return super().served_validation(trainer)
-        lora.load_adapter(trainer.model, published, SERVED)
+        try:
+            lora.load_adapter(trainer.model, published, SERVED)
+        except ValueError as error:
+            logger.warning("the published adapter is not served (%s): comparing with the bare model", error)
+            return super().served_validation(trainer)
         lora.activate(trainer.model, SERVED)
         try:
             return trainer.validate()
