@@ -125,12 +125,12 @@ def load_adapter(model: ProGiDiffModel, directory: str | Path, name: str) -> dic
 
     Returns its config (`adapter_config.json`). An adapter trained on another model (other layers or layer
     shapes, e.g. a 2.5D model's scan encoder) raises ValueError and leaves the model as it was."""
+    if name in adapter_names(model):
+        raise ValueError(f"the model already has an adapter {name!r}; remove it first")
     directory = Path(directory)
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
     settings = LoraSettings(**config["settings"])
     weights = load_file(directory / ADAPTER_WEIGHTS)
-    if name in adapter_names(model):
-        raise ValueError(f"the model already has an adapter {name!r}; remove it first")
     active = active_adapter(model)
     try:
         for part, targets in config["target_modules"].items():
@@ -138,18 +138,15 @@ def load_adapter(model: ProGiDiffModel, directory: str | Path, name: str) -> dic
             module.add_adapter(_lora_config(settings, list(targets)), adapter_name=name)
             prefix = f"{part}."
             state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-            try:
-                result = set_peft_model_state_dict(module, state, adapter_name=name)
-            except RuntimeError as error:  # torch's "size mismatch for ..."
-                raise ValueError(f"{directory} does not fit this model (it was trained on "
-                                 f"{config.get('base_model', 'another model')}; retrain it on this one): "
-                                 f"{str(error).splitlines()[-1].strip()}") from None
+            result = set_peft_model_state_dict(module, state, adapter_name=name)
             if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"{directory} does not fit this model: unexpected keys {result.unexpected_keys[:3]}")
-    except ValueError:
+                raise ValueError(f"unexpected keys {result.unexpected_keys[:3]}")
+    except (RuntimeError, ValueError) as error:  # torch's "size mismatch for ...", peft's missing target layers
         activate(model, active)
         remove_adapter(model, name)
-        raise
+        raise ValueError(f"{directory} does not fit this model (it was trained on "
+                         f"{config.get('base_model', 'another model')}; retrain it on this one): "
+                         f"{str(error).strip().splitlines()[-1].strip()}") from None
     activate(model, active)
     model.requires_grad_(False)
     return config
