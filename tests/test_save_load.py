@@ -1,4 +1,5 @@
 import multiprocessing
+import os
 import random
 import time
 
@@ -7,7 +8,7 @@ import torch
 
 from conftest import assert_same_proposals, tiny_config, wake_control_branch
 from progidiff import lora
-from progidiff.io_utils import published_folders, recover_directories
+from progidiff.io_utils import atomic_file, published_folders, recover_directories
 from progidiff.model import ProGiDiffModel
 from progidiff.pipeline import ProGiDiffPipeline
 from publish_forever import MARKED, main as publish_forever
@@ -41,6 +42,19 @@ def test_failed_save_keeps_the_previous_model(small_model, tmp_path, monkeypatch
     survivor = ProGiDiffModel.from_pretrained(tmp_path / "model").state_dict()
     assert all(torch.equal(reference[k], survivor[k]) for k in reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folders left behind
+
+
+def test_published_models_and_files_get_the_modes_of_any_other_file(small_model, tmp_path):
+    """Temp files and folders are private (0600/0700); what they publish must be readable like any file."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    small_model.save_pretrained(tmp_path / "model")
+    with atomic_file(tmp_path / "label.nii.gz") as tmp:
+        tmp.write_bytes(b"label")
+    weights = tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "label.nii.gz").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_loading_a_non_model_folder_says_what_is_missing(tmp_path):

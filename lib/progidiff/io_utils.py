@@ -10,6 +10,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _process_umask() -> int:
+    """The umask this process was started with (read once: setting it to read it is not thread-safe)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+# mkstemp/mkdtemp create 0600 files and 0700 folders; a published model, adapter or label must get the modes
+# any other file gets (e.g. 0644/0755), or a server or viewer run as another user cannot read it.
+_UMASK = _process_umask()
+_FILE_MODE = 0o666 & ~_UMASK
+_FOLDER_MODE = 0o777 & ~_UMASK
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path` in one step."""
@@ -18,6 +32,7 @@ def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or "".join(path.suffixes), dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    tmp.chmod(_FILE_MODE)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -38,6 +53,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))
     try:
         yield tmp
+        _give_default_modes(tmp)
         recover_directory(path)  # an earlier swap killed between its renames: its old folder is the only version
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -49,6 +65,14 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(stale, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _give_default_modes(folder: Path) -> None:
+    """The modes of any other file for `folder` and everything in it: mkdtemp and some writers (safetensors
+    writes its files 0600) keep what they create private."""
+    folder.chmod(_FOLDER_MODE)
+    for item in folder.rglob("*"):
+        item.chmod(_FOLDER_MODE if item.is_dir() else _FILE_MODE)
 
 
 def recover_directory(path: str | Path) -> Path:
