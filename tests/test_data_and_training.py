@@ -260,6 +260,12 @@ def test_evaluate_writes_the_documented_keys(tiny_model_dir, tiny_case, tmp_path
     assert (tmp_path / "result_liver.png").stat().st_size > 1000
 
 
+def test_a_scored_block_is_segmented_with_the_slices_a_25d_model_reads_beside_it():
+    assert evaluate.context_span([10, 11, 12], depth=20, context_slices=1) == range(9, 14)
+    assert evaluate.context_span([0, 1, 18, 19], depth=20, context_slices=2) == range(0, 20)  # clipped at the ends
+    assert evaluate.context_span([5, 6], depth=20, context_slices=0) == range(5, 7)  # 1-slice models: the block
+
+
 def test_segment_writes_outputs_in_the_input_geometry(tiny_model_dir, tiny_case, tmp_path):
     image, _ = tiny_case
     summary = segment.main(["--model", str(tiny_model_dir), "--image", str(image), "--prompt", "L kidney, liver",

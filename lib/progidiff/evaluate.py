@@ -5,7 +5,8 @@
         --proposals 5 --steps 10 --seed 0 --slices 10:18 --out result.json
 
 PATH may be a NIfTI/NRRD file or a DICOM series folder.  Scores are computed in the model's frame (RAS,
-model spacing); `--slices` restricts them to a z-block (e.g. the held-out slices of a training volume).
+model spacing); `--slices` restricts them to a z-block (e.g. the held-out slices of a training volume); a 2.5D model still
+reads the scan's own slices beside the block, as it would in the whole volume.
 `--simulate-phase` first moves a non-contrast CT to a contrast phase (`progidiff.contrast`), to score a model
 on enhanced anatomy where the only labelled patient was scanned without contrast.
 """
@@ -13,6 +14,7 @@ on enhanced anatomy where the only labelled patient was scanned without contrast
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -83,6 +85,12 @@ def score_proposals(proposals: VolumeProposals, label: np.ndarray, spacing: tupl
     return per_organ
 
 
+def context_span(zs: list[int], depth: int, context_slices: int) -> range:
+    """The slices to segment so that every scored slice in `zs` reads its real neighbours (2.5D input):
+    the block from the first to the last scored slice, widened by `context_slices` within the volume."""
+    return range(max(min(zs) - context_slices, 0), min(max(zs) + context_slices + 1, depth))
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     start = time.time()
     predictor = Predictor(args.model, scheduler=args.scheduler, screen_threshold=args.screen_threshold,
@@ -94,13 +102,17 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.label_map != "schema":
         label = to_schema(label, load_class_map(args.label_map, args.label))
     zs = list(args.slices or range(image.shape[2]))
-    image, label = np.asarray(image[:, :, zs], dtype=np.float32), label[:, :, zs]
+    span = context_span(zs, image.shape[2], predictor.context_slices)
+    image, label = np.asarray(image[:, :, span], dtype=np.float32), label[:, :, span]
     if args.simulate_phase:
         if not contrast.is_unenhanced(image, label, ORGAN_IDS["aorta"]):
             raise SystemExit(f"--simulate-phase needs a non-contrast CT with a labelled aorta; {args.image} is not one")
         image = contrast.simulate_phase(image, label, ORGAN_IDS, args.simulate_phase,
                                         np.random.default_rng(args.phase_seed), loaded.voxel_spacing[0])
     proposals = predictor.segment(torch.from_numpy(image), organs, args.proposals, args.steps, args.seed)
+    scored = [z - span.start for z in zs]
+    image, label = image[:, :, scored], label[:, :, scored]
+    proposals = dataclasses.replace(proposals, probabilities=proposals.probabilities[..., scored])
     per_organ = score_proposals(proposals, label, loaded.voxel_spacing)
     for p, organ in enumerate(organs):
         if p == 0 or organ == "liver":

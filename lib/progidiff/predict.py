@@ -40,6 +40,11 @@ class Predictor:
     def kind(self) -> str:
         return "baseline" if self.baseline is not None else "progidiff"
 
+    @property
+    def context_slices(self) -> int:
+        """Neighbouring slices each side the model reads with every slice (2.5D input; 0 for the baseline)."""
+        return self.pipeline.model.config.context_slices if self.pipeline is not None else 0
+
     def segment(self, volume: torch.Tensor, organs: list[str], proposals: int, steps: int, seed: int) -> VolumeProposals:
         if self.pipeline is not None:
             return segment_volume(self.pipeline, volume, organs, proposals, steps, seed, slice_batch=self.slice_batch,
