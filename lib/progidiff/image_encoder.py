@@ -70,28 +70,6 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
-class FusedReadout(nn.Module):
-    """Organ logits at the input size from the full-size features and the working-size ones brought up to it, as
-    a U-Net decoder joins a skip connection: the working size's deeper features tell organs apart, the full-size
-    ones place the edges of organs one or two pixels thin at the working size (pancreas, IVC), whose share of a
-    working-size pixel stays below one half and so below the threshold.  (A 1×1 head on the full-size features
-    alone told organs apart less well: model/README.md, "Tried: the organ read-out at 128 px".)"""
-
-    def __init__(self, working_channels: int, full_size_channels: int, num_organs: int, fold: int):
-        super().__init__()
-        self.fold = fold
-        self.fuse = nn.Sequential(
-            nn.Conv2d(working_channels + full_size_channels, working_channels, 3, padding=1),
-            nn.GroupNorm(min(8, working_channels), working_channels),
-            nn.SiLU(),
-        )
-        self.out = nn.Conv2d(working_channels, num_organs, 1)
-
-    def forward(self, working: torch.Tensor, full_size: torch.Tensor) -> torch.Tensor:
-        up = F.interpolate(working, size=full_size.shape[-2:], mode="bilinear", align_corners=False)
-        return self.out(self.fuse(torch.cat([up, full_size], dim=1)))
-
-
 class ScanEncoder(nn.Module):
     """Replaces `ControlNetModel.controlnet_cond_embedding`.
 
@@ -159,12 +137,9 @@ class ScanEncoder(nn.Module):
         self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
         # One logit per organ: a deterministic "anatomy" read-out of the same features, trained with
         # Dice + BCE on every organ of the slice. Zero-initialised too, so an untrained branch stays silent.
-        self.organ_head: nn.Module | None = None
-        if num_organs and self.full_size_readout:
-            self.organ_head = FusedReadout(width, channels[0], num_organs, self.fold)
-        elif num_organs:
-            self.organ_head = nn.Conv2d(width, num_organs, 1)
-        for layer in (self.conv_out, getattr(self.organ_head, "out", self.organ_head)):
+        head_channels = channels[0] if self.full_size_readout else width
+        self.organ_head = nn.Conv2d(head_channels, num_organs, 1) if num_organs else None
+        for layer in (self.conv_out, self.organ_head):
             if layer is not None:
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
@@ -185,8 +160,7 @@ class ScanEncoder(nn.Module):
         if self.organ_head is None:
             raise ValueError("this scan encoder has no organ head (num_organs=0)")
         if self.full_size_readout:
-            full_size = F.pixel_shuffle(features[:, self.working_channels :], self.fold)
-            return self.organ_head(features[:, : self.working_channels], full_size)
+            return self.organ_head(F.pixel_shuffle(features[:, self.working_channels :], self.fold))
         return self.organ_head(features)
 
     def forward(self, image_or_features: torch.Tensor) -> torch.Tensor:
