@@ -54,7 +54,6 @@ class TrainConfig:
     anatomy_weight: float = 1.0  # weight of the scan encoder's deterministic anatomy loss
     balanced_anatomy: bool = True  # anatomy BCE averaged per organ over its inside and outside (see anatomy_loss);
     # the baseline's loss too, so that both models of a comparison learn small organs the same way
-    anatomy_at_image_size: bool = False  # score a working-size read-out brought up to the label's size, as it is read
     mask_weight: float = 1.0  # weight of the soft Dice of the predicted clean mask (x0-prediction, pixel space)
     low_noise_bias: float = 0.0  # >0 samples timesteps more often near t=0 (sharper final steps)
     encoder_steps: int = 0  # the first steps train only the scan encoder, as a deterministic segmenter
@@ -75,14 +74,8 @@ def soft_dice_loss(probability: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return (1 - (2 * inter + 1) / (probability.sum(dim=dims) + target.sum(dim=dims) + 1)).mean()
 
 
-def anatomy_loss(logits: torch.Tensor, label: torch.Tensor, balanced: bool = False,
-                 at_image_size: bool = False) -> torch.Tensor:
+def anatomy_loss(logits: torch.Tensor, label: torch.Tensor, balanced: bool = False) -> torch.Tensor:
     """Soft Dice + BCE of per-organ logits [B,K,h,w] against a schema label map [B,1,H,W].
-
-    The label is brought down to the logits' size (each pixel's share of the organ) or, `at_image_size`, the
-    logits are brought up to the label's (bilinear, as inference reads them: the prior added to the mask is
-    upsampled with it).  Down, an organ one or two pixels thin at the label's size covers less than half of every
-    logit pixel, so the loss itself asks for a logit below 0 there, and the thresholded read-out misses it.
 
     `balanced`: the BCE is the mean over each organ's inside plus the mean over its outside, instead of the
     mean over every pixel.  Adapting to a new modality needs it: the CT model's organ logits sit far below
@@ -93,8 +86,6 @@ def anatomy_loss(logits: torch.Tensor, label: torch.Tensor, balanced: bool = Fal
     on every pixel (model/README.md, "Why the balanced anatomy loss").
     """
     one_hot = torch.stack([(label[:, 0] == v).float() for v in ORGAN_IDS.values()], dim=1)
-    if at_image_size and logits.shape[-2:] != one_hot.shape[-2:]:
-        logits = F.interpolate(logits, size=one_hot.shape[-2:], mode="bilinear", align_corners=False)
     target = F.interpolate(one_hot, size=logits.shape[-2:], mode="area")
     prob = logits.sigmoid()
     inter = (prob * target).sum(dim=(2, 3))
@@ -488,8 +479,7 @@ class DiffusionTrainer(Trainer):
         noisy = self.scheduler.add_noise(x0, noise, t)
         prediction, logits = self.model(noisy, t, text, image, organ_index, return_organ_logits=True)
         terms = {"diffusion": F.mse_loss(prediction.float(), diffusion_target(self.scheduler, x0, noise, t).float())}
-        terms["anatomy"] = anatomy_loss(logits, batch["label"].to(self.device), self.config.balanced_anatomy,
-                                        self.config.anatomy_at_image_size)
+        terms["anatomy"] = anatomy_loss(logits, batch["label"].to(self.device), self.config.balanced_anatomy)
         if self.direct_mask_loss:
             # x0 is the mask itself: also score it as a segmentation (SDSeg's direct mask estimation).
             predicted = ((prediction.float() + 1) / 2).clamp(0, 1)
@@ -502,8 +492,7 @@ class DiffusionTrainer(Trainer):
         segmenter's cost per step, so that the diffusion stage starts from a strong organ prior."""
         encoder = self.model.scan_encoder
         logits = encoder.organ_logits(encoder.features(batch["image"].to(self.device)))
-        anatomy = anatomy_loss(logits, batch["label"].to(self.device), self.config.balanced_anatomy,
-                               self.config.anatomy_at_image_size)
+        anatomy = anatomy_loss(logits, batch["label"].to(self.device), self.config.balanced_anatomy)
         return {"loss": anatomy, "anatomy": anatomy}
 
     def predict(self, images: torch.Tensor, organs: list[str]) -> torch.Tensor:
@@ -516,8 +505,7 @@ class BaselineTrainer(Trainer):
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         logits = self.model(batch["image"].to(self.device))
-        return {"loss": anatomy_loss(logits, batch["label"].to(self.device), self.config.balanced_anatomy,
-                                     self.config.anatomy_at_image_size)}
+        return {"loss": anatomy_loss(logits, batch["label"].to(self.device), self.config.balanced_anatomy)}
 
     def predict(self, images: torch.Tensor, organs: list[str]) -> torch.Tensor:
         return self.model.predict(images, organs)
