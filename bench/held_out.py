@@ -17,6 +17,8 @@ CT_A = SHARED_DATA / "ct_a"
 HELD_OUT = slice(10, 18)  # ct_a slices kept out of the default model's training
 HELD_OUT_SLICES = f"{HELD_OUT.start}:{HELD_OUT.stop}"  # as `progidiff.evaluate --slices` reads it
 HELD_OUT_Z = f"z {HELD_OUT.start}-{HELD_OUT.stop - 1}"  # as the case names print it
+CT_A_FULL = SHARED_DATA / "ct_a_full"  # the same patient at its full z extent; ct_a is its slices 82-111
+HELD_OUT_FULL = slice(HELD_OUT.start + 82, HELD_OUT.stop + 82)  # the block in ct_a_full: the recipe's --hold-out 92:100
 UNSEEN_ORGANS = ["liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas", "aorta", "inferior_vena_cava"]
 
 

@@ -45,9 +45,10 @@ from progidiff.train import parse_ranges
 from progidiff.training import TrainConfig, train_on_volumes
 from progidiff.volume import segment_volume
 
+from held_out import CT_A_FULL, SHARED_DATA  # bench/held_out.py, beside this script; rendered as pseudo-MR, as in the adapter recipe
+
 ROOT = Path(__file__).resolve().parents[1]
-MR_A = ROOT.parent / "shared" / "data" / "mr_a"
-CT_A_FULL = ROOT.parent / "shared" / "data" / "ct_a_full"  # rendered as pseudo-MR, as in the adapter recipe
+MR_A = SHARED_DATA / "mr_a"
 ORGANS = ["liver", "spleen", "kidney_left", "kidney_right"]
 RECIPE_HOLD_OUT = "5:10,15:20"  # as in model/README.md's adapter recipe
 logger = logging.getLogger("bench.mr_adaptation")

@@ -1,0 +1,91 @@
+"""Benchmark: does a model miss an organ of the real CT because it never fitted it, or because what it fitted does not
+carry to slices it did not see?  The organ read-out (ProGiDiff's scan encoder; the baseline's own logits) over the
+whole of `../shared/data/ct_a_full`, scored per organ on the slices the recipe trains on and on its held-out block
+(z 92-99, the benches' `ct_a` z 10-17), as scanned.  Seconds.
+
+    .venv/bin/python bench/real_fit.py model/progidiff_ct model/baseline_ct   # → bench/results/real_fit.json
+
+Dice of logit ≥ 0 against the reference (TotalSegmentator ids mapped by name), with the number of slices that
+hold the organ on each side.  Each slice reads its real neighbours (2.5D models), as in the whole volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from progidiff.baseline import BaselineSegmenter, is_baseline_folder
+from progidiff.data import load_volume_pair
+from progidiff.geometry import from_square, to_square
+from progidiff.labels import ORGAN_IDS
+from progidiff.metrics import dice
+from progidiff.model import ProGiDiffModel
+from progidiff.volume import axial_slices
+
+from held_out import CT_A_FULL, HELD_OUT_FULL, UNSEEN_ORGANS  # bench/held_out.py, beside this script
+
+ROOT = Path(__file__).resolve().parents[1]
+SLICE_BATCH = 16
+
+
+@torch.inference_mode()
+def read_out(folder: Path, image: np.ndarray) -> torch.Tensor:
+    """Every organ's logits [Z, K, X, Y] on every slice of `image` [X, Y, Z], at the image's size."""
+    if is_baseline_folder(folder):
+        model, context, size = BaselineSegmenter.from_pretrained(folder), 0, None
+        logits_of = model
+    else:
+        model = ProGiDiffModel.from_pretrained(folder).eval()
+        context, size = model.config.context_slices, model.config.image_size
+        encoder = model.scan_encoder
+
+        def logits_of(slices: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(encoder.organ_logits(encoder.features(slices)), size=size, mode="bilinear",
+                                 align_corners=False)
+    slices = axial_slices(image, context)
+    image_size = size or model.config.image_size
+    logits = torch.cat([logits_of(to_square(slices[i : i + SLICE_BATCH], image_size))
+                        for i in range(0, slices.shape[0], SLICE_BATCH)])
+    return from_square(logits, image.shape[0], image.shape[1])
+
+
+def fit_scores(logits: torch.Tensor, label: np.ndarray) -> dict[str, dict]:
+    held_out = list(range(HELD_OUT_FULL.start, HELD_OUT_FULL.stop))
+    parts = {"trained": [z for z in range(label.shape[2]) if z not in held_out], "held_out": held_out}
+    scores = {}
+    for organ in UNSEEN_ORGANS:
+        reference = torch.from_numpy(label == ORGAN_IDS[organ]).permute(2, 0, 1)
+        predicted = logits[:, ORGAN_IDS[organ] - 1] >= 0
+        scores[organ] = {part: {"dice": round(dice(predicted[zs], reference[zs]), 3),
+                                "slices": int(reference[zs].flatten(1).any(dim=1).sum())}
+                         for part, zs in parts.items()}
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", type=Path, nargs="+", help="ProGiDiff or baseline model folders")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "real_fit.json")
+    args = parser.parse_args()
+    if not CT_A_FULL.is_dir():
+        raise SystemExit(f"{CT_A_FULL} is absent: this bench needs the team's real CT beside the checkout")
+    volume = load_volume_pair(CT_A_FULL / "image.nii.gz", CT_A_FULL / "label.nii.gz", "total", spacing=3.0)
+    results = [{"model": str(folder), "organs": fit_scores(read_out(folder, volume.image), volume.label)}
+               for folder in args.models]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"command": "python bench/real_fit.py " + " ".join(map(str, args.models)),
+                                    "results": results}, indent=2))
+    print("| model | " + " | ".join(UNSEEN_ORGANS) + " |")
+    print("|---|" + "---|" * len(UNSEEN_ORGANS))
+    for r in results:
+        cells = [f"{s['trained']['dice']:.3f} / {s['held_out']['dice']:.3f}" for s in r["organs"].values()]
+        print(f"| {r['model']} (trained / held-out slices) | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
