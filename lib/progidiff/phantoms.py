@@ -420,8 +420,7 @@ def paint_solid_organs(p: Painter) -> None:
     # Pancreas: head in the duodenal C, neck over the portal confluence, body over the aorta, tail to the spleen.
     pancreas = wobble(rng, [(28, -6, 4), (40, 4, 15), (15, 18, 28), (-10, 16, 35), (-40, 5, 42), (-64, -12, 50),
                             (-78, -25, 57)], 3)
-    # From an atrophic gland (about 15 ml, ct_a's pancreas is 17 ml) to a full one (about 100 ml).
-    radii = np.array([9, 15, 10, 11, 10, 9, 6], np.float32) * rng.uniform(0.5, 1.15)
+    radii = np.array([9, 15, 10, 11, 10, 9, 6], np.float32) * rng.uniform(0.85, 1.15)
     box = canvas.box(pancreas.min(axis=0) - 20, pancreas.max(axis=0) + 20)
     x, y, z = canvas.coords(box)
     lobules = 2.5 * smooth_field(rng, x.shape, 1.0)
