@@ -45,7 +45,8 @@ from progidiff.train import parse_ranges
 from progidiff.training import TrainConfig, train_on_volumes
 from progidiff.volume import segment_volume
 
-from held_out import CT_A_FULL, SHARED_DATA  # bench/held_out.py, beside this script; rendered as pseudo-MR, as in the adapter recipe
+# bench/held_out.py, beside this script; CT_A_FULL is rendered as pseudo-MR, as in the adapter recipe
+from held_out import CT_A_FULL, SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 MR_A = SHARED_DATA / "mr_a"

@@ -31,12 +31,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @torch.no_grad()
-def prior_scores(model: ProGiDiffModel, image: np.ndarray, label: np.ndarray) -> dict[str, dict]:
+def readout_logits(model: ProGiDiffModel, image: np.ndarray, slice_batch: int = 16) -> torch.Tensor:
+    """Every organ's read-out logits [Z, K, X, Y] on every slice of `image` [X, Y, Z] (each slice with its
+    neighbours, as the model reads it), at the image's size."""
     slices = axial_slices(image, model.config.context_slices)
-    encoder = model.scan_encoder
-    logits = encoder.organ_logits(encoder.features(to_square(slices, model.config.image_size)))
-    logits = F.interpolate(logits, size=model.config.image_size, mode="bilinear", align_corners=False)
-    logits = from_square(logits, image.shape[0], image.shape[1])  # [Z, K, X, Y]
+    encoder, size = model.scan_encoder, model.config.image_size
+    logits = torch.cat([
+        F.interpolate(encoder.organ_logits(encoder.features(to_square(slices[i : i + slice_batch], size))),
+                      size=size, mode="bilinear", align_corners=False)
+        for i in range(0, slices.shape[0], slice_batch)])
+    return from_square(logits, image.shape[0], image.shape[1])
+
+
+def prior_scores(model: ProGiDiffModel, image: np.ndarray, label: np.ndarray) -> dict[str, dict]:
+    logits = readout_logits(model, image)
     scores = {}
     for organ in ORGANS:
         reference = torch.from_numpy(label == ORGAN_IDS[organ]).permute(2, 0, 1)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from progidiff.baseline import BaselineSegmenter, is_baseline_folder
 from progidiff.data import load_volume_pair
@@ -28,6 +27,7 @@ from progidiff.model import ProGiDiffModel
 from progidiff.volume import axial_slices
 
 from held_out import CT_A_FULL, HELD_OUT_FULL, UNSEEN_ORGANS  # bench/held_out.py, beside this script
+from organ_prior import readout_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 SLICE_BATCH = 16
@@ -36,20 +36,11 @@ SLICE_BATCH = 16
 @torch.inference_mode()
 def read_out(folder: Path, image: np.ndarray) -> torch.Tensor:
     """Every organ's logits [Z, K, X, Y] on every slice of `image` [X, Y, Z], at the image's size."""
-    if is_baseline_folder(folder):
-        model, context, size = BaselineSegmenter.from_pretrained(folder), 0, None
-        logits_of = model
-    else:
-        model = ProGiDiffModel.from_pretrained(folder).eval()
-        context, size = model.config.context_slices, model.config.image_size
-        encoder = model.scan_encoder
-
-        def logits_of(slices: torch.Tensor) -> torch.Tensor:
-            return F.interpolate(encoder.organ_logits(encoder.features(slices)), size=size, mode="bilinear",
-                                 align_corners=False)
-    slices = axial_slices(image, context)
-    image_size = size or model.config.image_size
-    logits = torch.cat([logits_of(to_square(slices[i : i + SLICE_BATCH], image_size))
+    if not is_baseline_folder(folder):
+        return readout_logits(ProGiDiffModel.from_pretrained(folder).eval(), image)
+    baseline = BaselineSegmenter.from_pretrained(folder)
+    slices, size = axial_slices(image, 0), baseline.config.image_size
+    logits = torch.cat([baseline(to_square(slices[i : i + SLICE_BATCH], size))
                         for i in range(0, slices.shape[0], SLICE_BATCH)])
     return from_square(logits, image.shape[0], image.shape[1])
 

@@ -5,8 +5,8 @@
         --proposals 5 --steps 10 --seed 0 --slices 10:18 --out result.json
 
 PATH may be a NIfTI/NRRD file or a DICOM series folder.  Scores are computed in the model's frame (RAS,
-model spacing); `--slices` restricts them to a z-block (e.g. the held-out slices of a training volume); a 2.5D model still
-reads the scan's own slices beside the block, as it would in the whole volume.
+model spacing); `--slices` restricts them to a z-block (e.g. the held-out slices of a training volume); a 2.5D
+model still reads the scan's own slices beside the block, as it would in the whole volume.
 `--simulate-phase` first moves a non-contrast CT to a contrast phase (`progidiff.contrast`), to score a model
 on enhanced anatomy where the only labelled patient was scanned without contrast.
 """
