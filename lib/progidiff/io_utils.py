@@ -32,9 +32,9 @@ def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or "".join(path.suffixes), dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    tmp.chmod(_FILE_MODE)
     try:
         yield tmp
+        tmp.chmod(_FILE_MODE)  # after the writer: one that replaced the file made it private again
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
