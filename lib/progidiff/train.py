@@ -43,7 +43,7 @@ from .labels import ORGAN_IDS
 from .model import ProGiDiffConfig, ProGiDiffModel
 from .pipeline import prompt_encoder_for
 from .pseudo_mr import pseudo_mr_volumes
-from .training import BaselineTrainer, DiffusionTrainer, TrainConfig, Trainer
+from .training import BaselineTrainer, DiffusionTrainer, TrainConfig, Trainer, leave_process_group
 
 logger = logging.getLogger("progidiff.train")
 
@@ -217,6 +217,17 @@ def main(argv: list[str] | None = None) -> dict:
                 sum(v.unenhanced_ct for v in real), len(val), time.time() - start)
 
     device = process_device(args.device)
+    try:
+        return fit_and_save(args, argv, organs, (phantoms, real, val), device, start)
+    finally:
+        leave_process_group()  # every rank, however its run ended
+
+
+def fit_and_save(args: argparse.Namespace, argv: list[str] | None, organs: list[str],
+                 data: tuple[list[Volume], list[Volume], list[Volume]], device: torch.device, start: float) -> dict:
+    """Train (or resume) on `data` (phantoms, real, validation) and, on rank 0, write the model or adapter and
+    the train record; {} on the other ranks."""
+    phantoms, real, val = data
     config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
     groups = [(phantoms, 1.0 - args.real_weight if real else 1.0), (real, args.real_weight if phantoms else 1.0)]
     train_set = SliceDataset(groups, args.image_size, organs, seed=config.seed, bias_field=args.modality != "ct",
@@ -226,15 +237,12 @@ def main(argv: list[str] | None = None) -> dict:
     first_step, fit_started = trainer.step, time.time()
     final = trainer.fit()
     train_seconds = time.time() - fit_started
-    if trainer.in_encoder_phase:
-        if dist.is_initialized():  # every rank ends here: leave the process group cleanly (NCCL warns otherwise)
-            dist.destroy_process_group()
+    if trainer.in_encoder_phase:  # every rank ends here
         raise SystemExit(f"the run ended at step {trainer.step}, inside its encoder-only phase (--encoder-steps "
                          f"{config.encoder_steps}): the diffusion UNet has not trained, so no model was written. "
                          f"The checkpoint in {args.out} is kept: the same command with a larger --max-minutes, or "
                          "with --encoder-minutes, goes on from it.")
     if not trainer.is_main:  # rank 0 writes what the run made
-        dist.destroy_process_group()
         return {}
     saved = args.out / ("adapter" if args.lora else "model")
     if args.lora:
@@ -262,8 +270,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     with atomic_file(args.out / "train_record.json", suffix=".json") as tmp:
         Path(tmp).write_text(json.dumps(record, indent=2))
-    if dist.is_initialized():
-        dist.destroy_process_group()
     logger.info("%s saved to %s (%.1f min)", "adapter" if args.lora else "model", saved, record["wall_minutes"])
     return record
 

@@ -13,6 +13,7 @@ prior that the proposals vary around.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import time
@@ -162,6 +163,20 @@ def distributed_rank() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def leave_process_group() -> None:
+    """Destroy torch.distributed's default group, if this process joined one, now, while the interpreter and the
+    other ranks are alive; call it once the trainer is out of use.
+
+    A trainer and its DistributedDataParallel form a reference cycle (through the loss), and DDP holds the group:
+    without a collection first, the gloo group and its threads outlive `destroy_process_group` until interpreter
+    exit, where tearing them down can abort the process ("terminate called without an active exception",
+    SIGABRT), typically on a rank that finished before the others.
+    """
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 class _LossOfBatch(nn.Module):

@@ -37,7 +37,7 @@ from progidiff.io_utils import atomic_file
 from progidiff.labels import ORGAN_IDS, class_map_from_label_info
 from progidiff.model import ProGiDiffModel
 from progidiff.pipeline import prompt_encoder_for
-from progidiff.training import DiffusionTrainer, TrainConfig
+from progidiff.training import DiffusionTrainer, TrainConfig, leave_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +161,7 @@ class ProGiDiffTrain(BasicTrainTask):
         try:
             return self._train(context, device)
         finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            leave_process_group()
 
     def cpu_threads(self, processes: int) -> int:
         """Threads for one training process on CPU; 0: leave torch's default.
