@@ -65,6 +65,7 @@ def test_lora_training_publishes_an_adapter_that_mr_requests_use(server):
     model_bytes = (Path(server.conf["model_path"]) / "controlnet" / CONTROL_WEIGHTS).stat().st_size
     assert (adapter / "adapter_model.safetensors").stat().st_size < 0.1 * model_bytes
     assert 0 < stats["trainable_share"] < 0.05 and stats["trainable_parameters"] > 0
+    assert (stats["phantoms"], stats["real_weight"]) == (8, 0.8)  # the MR phantoms mixed in by default
 
     adapted = infer(server, "phantom_001_mr")  # by the intensity rule (NIfTI has no modality tag)
     assert (adapted["adapter"], adapted["modality_source"]) == ("mr", "intensity")
@@ -131,3 +132,25 @@ def test_scoring_picks_the_adapter_as_infer_does(server):
               if "proposal_uncertainty" in o["image"]["info"]}
     assert (scored["phantom_001_mr"]["modality"], scored["phantom_001_mr"]["adapter"]) == ("MR", "mr")
     assert (scored["phantom_000"]["modality"], scored["phantom_000"]["adapter"]) == ("CT", None)
+
+
+def test_the_mr_trainer_mixes_mr_phantoms_read_as_mr_studies_are(tmp_path):
+    """The few labelled MR studies at `real_weight` of the samples, MR phantoms (seeds 1000 on) at the rest,
+    rescaled per study as the adapter reads MR; `phantoms` 0: the datastore alone."""
+    sys.path.insert(0, str(ROOT / "apps" / "progidiff"))
+    from lib.configs.progidiff import AppSettings
+    from lib.trainers.progidiff_lora import ProGiDiffLoraTrain
+    from progidiff.data import normalised, phantom_volume
+
+    task = ProGiDiffLoraTrain(tmp_path, tmp_path / "adapters", tmp_path / "runs", AppSettings.from_conf({}, tmp_path))
+    study = task._load({"image": SAMPLE / "mr" / "phantom_000_mr.nii.gz",
+                        "label": SAMPLE / "mr" / "labels" / "final" / "phantom_000_mr.nii.gz"}, 3.0)
+    (phantoms, phantom_share), (studies, study_share) = task.training_groups([study], 2, 0.75)
+    assert studies == [study] and (phantom_share, study_share) == pytest.approx((0.25, 0.75))
+    assert len(phantoms) == 2
+    for seed, phantom in zip((1000, 1001), phantoms):
+        raw = phantom_volume(seed, "mr")
+        assert not np.allclose(phantom.image, raw.image, rtol=0.05, atol=1.0)  # rescaled, not as made
+        np.testing.assert_allclose(phantom.image, normalised(raw, task.normalisation).image, rtol=1e-5, atol=1e-3)
+        np.testing.assert_array_equal(phantom.label, raw.label)
+    assert task.training_groups([study], 0, 0.75) == task.training_groups([study], 8, 1.0) == [([study], 1.0)]

@@ -32,7 +32,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel.utils.others.generic import strtobool
 
 from lib.datastore import check_name
-from progidiff.data import SliceDataset, Volume, load_volume_pair, split_slices
+from progidiff.data import SliceDataset, Volume, load_volume_pair, phantom_volumes, split_slices
 from progidiff.io_utils import atomic_file
 from progidiff.labels import ORGAN_IDS, class_map_from_label_info
 from progidiff.model import ProGiDiffModel
@@ -42,6 +42,7 @@ from progidiff.training import DiffusionTrainer, TrainConfig, leave_process_grou
 logger = logging.getLogger(__name__)
 
 KEY_METRIC = "val_mean_dice"
+PHANTOM_SEED = 1000  # the phantoms mixed into a run: seeds from here (the shipped MR adapter's recipe's)
 _OWN_LOOP = "ProGiDiffTrain.train runs progidiff.training.DiffusionTrainer, not MONAI's ignite trainer"
 
 
@@ -51,6 +52,7 @@ class ProGiDiffTrain(BasicTrainTask):
     # adds MR shading to the augmentation (progidiff.data.augmentation); fine-tuning on CT does not.
     balanced_anatomy = True
     bias_field = False
+    modality = "CT"  # of the studies this task trains on (and of the phantoms it may mix in)
 
     def __init__(self, model_path: str | Path, run_dir: str | Path, settings: Any,
                  publish_path: str | Path | None = None, config: dict[str, Any] | None = None,
@@ -66,6 +68,8 @@ class ProGiDiffTrain(BasicTrainTask):
                 "val_proposals": 2,
                 "val_steps": 5,
                 "multi_gpu": False,  # true: one process per GPU of `gpus` (torch.distributed; see `train`)
+                "phantoms": 0,  # procedural patients of this task's modality mixed in (`training_groups`)
+                "real_weight": 0.8,  # with phantoms: the datastore's share of the samples
                 **(config or {}),
             },
             publish_path=str(publish_path or model_path),
@@ -80,7 +84,7 @@ class ProGiDiffTrain(BasicTrainTask):
         """Train options a request may set: (type, lowest, highest)."""
         return {"max_epochs": (int, 1, 10000), "learning_rate": (float, 1e-8, 1.0), "train_batch_size": (int, 1, 256),
                 "val_split": (float, 0.0, 0.9), "val_proposals": (int, 1, self.settings.max_proposals),
-                "val_steps": (int, 1, 200)}
+                "val_steps": (int, 1, 200), "phantoms": (int, 0, 64), "real_weight": (float, 0.05, 1.0)}
 
     def check_request(self, params: dict[str, Any]) -> None:
         """Refuse bad options (HTTP 400, saying what is accepted) before MONAI Label submits the run."""
@@ -209,10 +213,14 @@ class ProGiDiffTrain(BasicTrainTask):
             train_volumes, val_volumes = _hold_out_blocks(train_volumes, float(request["val_split"]))
 
         organs = list(model.config.organs) or list(ORGAN_IDS)
-        train_set = SliceDataset([(train_volumes, 1.0)], model.config.image_size, organs, seed=0,
+        groups = self.training_groups(train_volumes, int(request["phantoms"]), float(request["real_weight"]))
+        train_set = SliceDataset(groups, model.config.image_size, organs, seed=0,
                                  bias_field=self.bias_field, context_slices=model.config.context_slices)
         batch = int(request["train_batch_size"])
-        steps_per_epoch = max(1, math.ceil(sum(len(s) for s in train_set.slices) / batch))
+        # An epoch shows the datastore's slices once on average, however many phantoms are mixed in.
+        real_slices, real_weight = len(train_set.slices[-1]), groups[-1][1]
+        context.mix = {"phantoms": len(groups[0][0]) if len(groups) > 1 else 0, "real_weight": real_weight}
+        steps_per_epoch = max(1, math.ceil(real_slices / (batch * real_weight)))
         epochs = int(request["max_epochs"])
         config = TrainConfig(
             max_steps=epochs * steps_per_epoch,
@@ -225,8 +233,9 @@ class ProGiDiffTrain(BasicTrainTask):
             val_organs=",".join(organs),
             balanced_anatomy=self.balanced_anatomy,
         )
-        logger.info("training on %d images (%d slices), validating on %d; %d epochs × %d steps on %s",
-                    len(train_volumes), steps_per_epoch * batch, len(val_volumes), epochs, steps_per_epoch, device)
+        logger.info("training on %d images (%d slices with an organ)%s, validating on %d; %d epochs × %d steps on %s",
+                    len(train_volumes), real_slices, f" and {context.mix['phantoms']} phantoms" if len(groups) > 1
+                    else "", len(val_volumes), epochs, steps_per_epoch, device)
         publisher = _EpochPublisher(self, context, steps_per_epoch, epochs)
         trainer = DiffusionTrainer(model, prompt_encoder_for(model), train_set, val_volumes, config,
                                    context.output_dir, device=device, on_validation=publisher if main else None)
@@ -237,6 +246,24 @@ class ProGiDiffTrain(BasicTrainTask):
                         publisher.served)
         trainer.fit()
         return publisher.finish() if main else {}
+
+    def training_groups(self, volumes: list[Volume], phantoms: int, real_weight: float
+                        ) -> list[tuple[list[Volume], float]]:
+        """(volumes, share of the samples) to train on: the datastore's labelled volumes last, and before them,
+        when `phantoms` > 0 and `real_weight` < 1, that many procedural patients of this task's modality, as the
+        shipped models' recipes mix them (model/README.md): a few labelled studies show a few levels and one
+        body; phantoms show every level and keep organs they lack in their adult size ranges."""
+        if not phantoms or real_weight >= 1.0:
+            return [(volumes, 1.0)]
+        start = time.time()
+        synthetic = [self.prepared(v) for v in phantom_volumes(phantoms, PHANTOM_SEED, self.modality.lower())]
+        logger.info("%d %s phantoms (seeds %d-%d) at %.0f %% of the samples (%.0f s)", phantoms, self.modality,
+                    PHANTOM_SEED, PHANTOM_SEED + phantoms - 1, 100 * (1 - real_weight), time.time() - start)
+        return [(synthetic, 1.0 - real_weight), (volumes, real_weight)]
+
+    def prepared(self, volume: Volume) -> Volume:
+        """A volume as the model reads it in training (CT: in HU, as loaded)."""
+        return volume
 
     def served_validation(self, trainer: DiffusionTrainer) -> dict:
         """What is served now, validated as every epoch will be: before the first step the EMA weights are the
@@ -252,7 +279,8 @@ class ProGiDiffTrain(BasicTrainTask):
         self.save_to(trainer, self._publish_path)
 
     def _load(self, item: dict, spacing: float) -> Volume:
-        return load_volume_pair(item["image"], item["label"], item.get("class_map") or "schema", spacing=spacing)
+        volume = load_volume_pair(item["image"], item["label"], item.get("class_map") or "schema", spacing=spacing)
+        return self.prepared(volume)
 
 
 def _hold_out_blocks(volumes: list[Volume], share: float) -> tuple[list[Volume], list[Volume]]:
@@ -329,6 +357,7 @@ class _EpochPublisher:
             "published_to": self.task._publish_path,
             "candidate": str(self.candidate_path),
             **getattr(self.context, "trainable", {}),
+            **getattr(self.context, "mix", {}),
         }
         with atomic_file(self.task._stats_path, suffix=".json") as tmp:
             Path(tmp).write_text(json.dumps(stats, indent=2))

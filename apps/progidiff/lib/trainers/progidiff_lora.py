@@ -42,7 +42,7 @@ class ProGiDiffLoraTrain(ProGiDiffTrain):
             model_path, run_dir, settings,
             publish_path=Path(adapters_path) / modality.lower(),
             config={"max_epochs": 20, "learning_rate": 1e-3, "rank": 8, "alpha": 8.0, "dropout": 0.0,
-                    "base_attention": False},
+                    "base_attention": False, "phantoms": 8},
             description=f"Few-shot LoRA adaptation of the ProGiDiff model to {modality} (model frozen)",
         )
         self.modality = modality
@@ -105,8 +105,9 @@ class ProGiDiffLoraTrain(ProGiDiffTrain):
             for param in trainer.params:  # loading froze the model: the new adapter trains again
                 param.requires_grad_(True)
 
-    def _load(self, item: dict, spacing: float) -> Volume:
-        return normalised(super()._load(item, spacing), self.normalisation)
+    def prepared(self, volume: Volume) -> Volume:
+        """Rescaled per study, as the infer task rescales this modality's studies for the adapter."""
+        return normalised(volume, self.normalisation)
 
     def save_to(self, trainer: DiffusionTrainer, directory: str | Path) -> None:
         """Write the adapter alone (adapter_config.json + safetensors), atomically."""
