@@ -114,8 +114,9 @@ def main() -> None:
             results["runs"][f"phantoms {phantoms}"] = {
                 "minutes": round(minutes, 1), "steps": stats["history"][-1]["step"],
                 "best_epoch": stats["eval"]["best_metric_epoch"],
-                "own_validation": {o: round(stats["eval"]["metrics"].get(f"val_dice_{o}", float("nan")), 4)
-                                   for o in ORGANS} if stats["history"] else {},
+                "own_validation": {o: round(stats["eval"]["metrics"][f"val_dice_{o}"], 4)
+                                   if f"val_dice_{o}" in stats["eval"]["metrics"] else None  # not in the block
+                                   for o in ORGANS},
                 "best_own_validation": round(stats["best_metric"], 4),
                 "fresh_mr_phantoms": score(model, fresh, normalisation, args),
                 "sample_study_ml": sample_study_volumes(model, normalisation, args),

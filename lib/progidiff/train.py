@@ -238,7 +238,9 @@ def fit_and_save(args: argparse.Namespace, argv: list[str] | None, organs: list[
     final = trainer.fit()
     train_seconds = time.time() - fit_started
     if trainer.in_encoder_phase:  # every rank ends here
-        raise SystemExit(f"the run ended at step {trainer.step}, inside its encoder-only phase (--encoder-steps "
+        ended_at = trainer.step
+        del trainer  # not held by the exception's frame: leave_process_group can free its DDP
+        raise SystemExit(f"the run ended at step {ended_at}, inside its encoder-only phase (--encoder-steps "
                          f"{config.encoder_steps}): the diffusion UNet has not trained, so no model was written. "
                          f"The checkpoint in {args.out} is kept: the same command with a larger --max-minutes, or "
                          "with --encoder-minutes, goes on from it.")
