@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
-from progidiff import lora
 from progidiff.data import phantom_volumes
 from progidiff.intensity import PercentileNormalisation
 from progidiff.model import ProGiDiffModel
@@ -39,7 +38,7 @@ from progidiff.volume import loading_transforms, organ_statistics, segment_volum
 
 # bench/, beside this script
 from held_out import SHARED_DATA
-from mr_adaptation import ORGANS, score
+from mr_adaptation import ORGANS, score, with_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "apps" / "progidiff"))
@@ -63,13 +62,6 @@ def train(phantoms: int, work: Path, args: argparse.Namespace) -> tuple[dict, Pa
     started = time.time()
     stats = task.train(0, 1, request, datalist)
     return stats, Path(stats["candidate"]), (time.time() - started) / 60
-
-
-def with_adapter(model_dir: Path, adapter: Path) -> tuple[ProGiDiffModel, PercentileNormalisation | None]:
-    model = ProGiDiffModel.from_pretrained(model_dir)
-    config = lora.load_adapter(model, adapter, "mr")
-    lora.activate(model, "mr")
-    return model, PercentileNormalisation.from_dict(config.get("intensity"))
 
 
 def sample_study_volumes(model: ProGiDiffModel, normalisation: PercentileNormalisation | None,
@@ -110,7 +102,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for phantoms in (int(n) for n in args.runs.split(",")):
             stats, candidate, minutes = train(phantoms, Path(tmp) / f"phantoms_{phantoms}", args)
-            model, normalisation = with_adapter(args.model, candidate)
+            model, normalisation, _ = with_adapter(args.model, candidate)
             results["runs"][f"phantoms {phantoms}"] = {
                 "minutes": round(minutes, 1), "steps": stats["history"][-1]["step"],
                 "best_epoch": stats["eval"]["best_metric_epoch"],

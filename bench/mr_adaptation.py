@@ -83,9 +83,10 @@ def model_size(model: ProGiDiffModel) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
 
 
-def with_adapter(args: argparse.Namespace) -> tuple[ProGiDiffModel, PercentileNormalisation | None, int]:
-    model = ProGiDiffModel.from_pretrained(args.model)
-    config = lora.load_adapter(model, args.adapter, "mr")
+def with_adapter(model_dir: Path, adapter: Path) -> tuple[ProGiDiffModel, PercentileNormalisation | None, int]:
+    """The model with the MR adapter active; the intensity rescaling the adapter records; its parameter count."""
+    model = ProGiDiffModel.from_pretrained(model_dir)
+    config = lora.load_adapter(model, adapter, "mr")
     lora.activate(model, "mr")
     trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     return model, PercentileNormalisation.from_dict(config.get("intensity")), trainable
@@ -149,7 +150,7 @@ def main() -> None:
     cases = {"mr_a held-out block (z 5-9, 15-19)": [held_out],
              f"fresh MR phantoms ({args.phantoms})": [[v] for v in phantom_volumes(args.phantoms, 6100, "mr")]}
 
-    adapted, adapter_normalisation, adapter_trainable = with_adapter(args)
+    adapted, adapter_normalisation, adapter_trainable = with_adapter(args.model, args.adapter)
     full, full_trainable, full_minutes = None, 0, 0.0
     if args.steps:
         with tempfile.TemporaryDirectory() as work:

@@ -234,7 +234,7 @@ class ProGiDiffTrain(BasicTrainTask):
             balanced_anatomy=self.balanced_anatomy,
         )
         logger.info("training on %d images (%d slices with an organ)%s, validating on %d; %d epochs × %d steps on %s",
-                    len(train_volumes), real_slices, f" and {context.mix['phantoms']} phantoms" if len(groups) > 1
+                    len(train_volumes), real_slices, f" and {context.mix['phantoms']} phantoms" if context.mix["phantoms"]
                     else "", len(val_volumes), epochs, steps_per_epoch, device)
         publisher = _EpochPublisher(self, context, steps_per_epoch, epochs)
         trainer = DiffusionTrainer(model, prompt_encoder_for(model), train_set, val_volumes, config,
