@@ -76,8 +76,9 @@ def test_put_label_train_publish_and_serve(server):
     assert status["status"] == "DONE", f"{status}\n{server.log_tail()}"
 
     stats = requests.get(f"{server.url}/info/", timeout=30).json()["train_stats"]["progidiff"]
-    # Published only if the run's best epoch beat the served model on the same validation slices.
-    assert stats["published"] == (stats["best_metric"] > stats["served_val_mean_dice"])
+    # Published only if the run's best epoch beat the served model on the same validation slices, by the margin.
+    assert (stats["publish_margin"], stats["phantoms"], stats["contrast_rate"]) == (0.02, 8, 0.6)  # the defaults
+    assert stats["published"] == (stats["best_metric"] > stats["served_val_mean_dice"] + stats["publish_margin"])
     if not stats["published"]:  # the admin's explicit way: promote the candidate
         assert weights_digest(Path(server.conf["model_path"])) == before_digest
         promote(stats["candidate"], server.conf["model_path"])
@@ -112,6 +113,68 @@ def folder_digest(folder: Path) -> str:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
     return digest.hexdigest()
+
+
+def app_trainers(tmp_path: Path):
+    """The app's train-task module as MONAI Label imports it (no server), and settings over a tiny model."""
+    sys.path.insert(0, str(ROOT / "apps" / "progidiff"))
+    from lib.configs.progidiff import AppSettings
+    from lib.trainers import progidiff as trainers
+
+    save_awake_tiny_model(tmp_path / "model")
+    return trainers, AppSettings.from_conf({}, tmp_path / "model")
+
+
+def test_an_epoch_is_published_only_when_it_beats_the_served_model_by_the_margin(tmp_path):
+    """Validation entries fed to the task's publisher as the training loop feeds them: an epoch a little better
+    than the served model stays a candidate; one better by more than `publish_margin` replaces the served model;
+    a later, worse epoch changes nothing."""
+    from monailabel.tasks.train.basic_train import Context
+
+    trainers, settings = app_trainers(tmp_path)
+    saved: list[Path] = []
+
+    class RecordingTrain(trainers.ProGiDiffTrain):
+        def save_to(self, trainer, directory):
+            saved.append(Path(directory))
+
+    task = RecordingTrain(tmp_path / "model", tmp_path / "runs", settings, publish_path=tmp_path / "served")
+    context = Context()
+    context.request, context.run_id, context.world_size = {"name": "run"}, "1", 1
+    context.output_dir, context.start_ts = str(tmp_path / "runs" / "run" / "1"), int(time.time())
+    publisher = trainers._EpochPublisher(task, context, steps_per_epoch=4, epochs=3, margin=0.02)
+    publisher.served = 0.80
+    for step, dice in ((4, 0.81), (8, 0.83), (12, 0.82)):
+        publisher(step, {"mean_dice": dice, "dice": {"liver": dice}})
+    candidate = tmp_path / "runs" / "run" / "1" / "candidate"
+    assert saved == [candidate, candidate, tmp_path / "served"]
+    stats = json.loads((tmp_path / "runs" / "train_stats.json").read_text())
+    assert (stats["published_epoch"], stats["eval"]["best_metric_epoch"], stats["publish_margin"]) == (2, 2, 0.02)
+
+
+def test_a_non_contrast_ct_study_is_also_trained_in_enhanced_phases(tmp_path):
+    """The datastore's non-contrast CT study is recognised as one, and `contrast_rate` of its samples show it in
+    an enhanced phase (its aorta bright), as the default model's recipe trains; 0 shows it as scanned."""
+    trainers, settings = app_trainers(tmp_path)
+    task = trainers.ProGiDiffTrain(tmp_path / "model", tmp_path / "runs", settings)
+    phantom = make_phantom(4, phase="non-contrast", slice_mm=3.0)
+    z = int(np.argmax((phantom.label == ORGAN_IDS["aorta"]).sum(axis=(0, 1))))
+    save_nifti(phantom.ct[:, :, z:z + 1], phantom.affine, tmp_path / "ct.nii.gz")
+    save_nifti(phantom.label[:, :, z:z + 1], phantom.affine, tmp_path / "label.nii.gz")
+    study = task._load({"image": tmp_path / "ct.nii.gz", "label": tmp_path / "label.nii.gz"}, 3.0)
+    assert study.unenhanced_ct
+    config = ProGiDiffModel.from_pretrained(tmp_path / "model").config
+
+    def aorta_hu(options: dict) -> float:
+        samples = task.training_set([study], {**task._config, "phantoms": 0, **options}, config)
+        assert samples.contrast_rate == options.get("contrast_rate", 0.6)  # the task's default: the recipe's
+        items = (samples[i] for i in range(24))
+        centre = config.context_slices  # the slice itself, between its neighbours
+        return float(np.mean([item["image"][centre][item["label"][0] == ORGAN_IDS["aorta"]].median() for item in items]))
+
+    # Augmentation moves every sample by up to ±40 HU and ±10 %: the phases move the aorta by 100-350 HU.
+    assert aorta_hu({"contrast_rate": 1.0}) > aorta_hu({"contrast_rate": 0.0}) + 60
+    assert aorta_hu({}) > aorta_hu({"contrast_rate": 0.0}) + 30
 
 
 def test_a_run_that_does_not_beat_the_served_model_leaves_it_byte_identical(tmp_path):

@@ -404,6 +404,8 @@ def test_monai_label_options_in_other_types_are_taken_as_meant(server, options):
     ("progidiff_mr_lora", {"base_attention": "maybe"}, "'base_attention' must be true or false"),
     ("progidiff_mr_lora", {"phantoms": 100}, "'phantoms' must be an integer from 0 to 64"),
     ("progidiff", {"real_weight": 0}, "'real_weight' must be a number from 0.05 to 1"),
+    ("progidiff", {"contrast_rate": 1.5}, "'contrast_rate' must be a number from 0 to 1"),
+    ("progidiff_mr_lora", {"publish_margin": "small"}, "'publish_margin' must be a number from 0 to 1"),
 ])
 def test_train_options_are_checked_before_a_run_starts(server, task, body, fragment):
     response = requests.post(f"{server.url}/train/{task}", json=body, timeout=60)

@@ -9,7 +9,9 @@ An "epoch" is one pass over the training slices in expectation (slices / batch s
 never degrades what is served: before the first step the served model is validated on the same
 validation slices, with the same sampler, as every epoch after it (consensus Dice of the EMA weights).
 An epoch is published over the served model folder (atomically; the infer task picks it up on its next
-request) only when it beats the best so far, the served model included.  The run's best epoch is always
+request) only when it beats the served model by `publish_margin` and every earlier epoch: a point or two
+on one study's validation block is within what epochs of equal quality differ by, and runs that won by
+that little were worse on a patient they never saw (bench/app_ct_training.py).  The run's best epoch is always
 kept as a candidate beside the run (`<run>/candidate`, reported in the train stats); an admin who wants it
 anyway promotes it explicitly: `python -m progidiff.promote <run>/candidate <model folder>`.
 """
@@ -35,7 +37,7 @@ from lib.datastore import check_name
 from progidiff.data import SliceDataset, Volume, load_volume_pair, phantom_volumes, split_slices
 from progidiff.io_utils import atomic_file
 from progidiff.labels import ORGAN_IDS, class_map_from_label_info
-from progidiff.model import ProGiDiffModel
+from progidiff.model import ProGiDiffConfig, ProGiDiffModel
 from progidiff.pipeline import prompt_encoder_for
 from progidiff.training import DiffusionTrainer, TrainConfig, leave_process_group
 
@@ -68,8 +70,14 @@ class ProGiDiffTrain(BasicTrainTask):
                 "val_proposals": 2,
                 "val_steps": 5,
                 "multi_gpu": False,  # true: one process per GPU of `gpus` (torch.distributed; see `train`)
-                "phantoms": 0,  # procedural patients of this task's modality mixed in (`training_groups`)
-                "real_weight": 0.8,  # with phantoms: the datastore's share of the samples
+                # As the shipped models' recipes train (model/README.md; measured in bench/app_ct_training.py and
+                # bench/app_mr_training.py): procedural patients of this task's modality mixed in
+                # (`training_groups`), the datastore at `real_weight` of the samples, and a non-contrast CT
+                # study's samples moved to an enhanced phase at `contrast_rate` (`training_set`).
+                "phantoms": 8,
+                "real_weight": 0.8,
+                "contrast_rate": 0.6,
+                "publish_margin": 0.02,  # validation mean Dice an epoch must gain over the served model to replace it
                 **(config or {}),
             },
             publish_path=str(publish_path or model_path),
@@ -84,7 +92,8 @@ class ProGiDiffTrain(BasicTrainTask):
         """Train options a request may set: (type, lowest, highest)."""
         return {"max_epochs": (int, 1, 10000), "learning_rate": (float, 1e-8, 1.0), "train_batch_size": (int, 1, 256),
                 "val_split": (float, 0.0, 0.9), "val_proposals": (int, 1, self.settings.max_proposals),
-                "val_steps": (int, 1, 200), "phantoms": (int, 0, 64), "real_weight": (float, 0.05, 1.0)}
+                "val_steps": (int, 1, 200), "phantoms": (int, 0, 64), "real_weight": (float, 0.05, 1.0),
+                "contrast_rate": (float, 0.0, 1.0), "publish_margin": (float, 0.0, 1.0)}
 
     def check_request(self, params: dict[str, Any]) -> None:
         """Refuse bad options (HTTP 400, saying what is accepted) before MONAI Label submits the run."""
@@ -212,14 +221,14 @@ class ProGiDiffTrain(BasicTrainTask):
         if not val_volumes:  # too few images to hold one out: validate on a z-block of each
             train_volumes, val_volumes = _hold_out_blocks(train_volumes, float(request["val_split"]))
 
-        organs = list(model.config.organs) or list(ORGAN_IDS)
-        groups = self.training_groups(train_volumes, int(request["phantoms"]), float(request["real_weight"]))
-        train_set = SliceDataset(groups, model.config.image_size, organs, seed=0,
-                                 bias_field=self.bias_field, context_slices=model.config.context_slices)
+        train_set = self.training_set(train_volumes, request, model.config)
+        organs, groups = train_set.organs, train_set.groups
         batch = int(request["train_batch_size"])
         # An epoch shows the datastore's slices once on average, however many phantoms are mixed in.
         real_slices, real_weight = len(train_set.slices[-1]), groups[-1][1]
-        context.mix = {"phantoms": len(groups[0][0]) if len(groups) > 1 else 0, "real_weight": real_weight}
+        context.mix = {"phantoms": len(groups[0][0]) if len(groups) > 1 else 0, "real_weight": real_weight,
+                       "contrast_rate": train_set.contrast_rate,
+                       "unenhanced_ct_studies": sum(v.unenhanced_ct for v in train_volumes)}
         steps_per_epoch = max(1, math.ceil(real_slices / (batch * real_weight)))
         epochs = int(request["max_epochs"])
         config = TrainConfig(
@@ -233,19 +242,33 @@ class ProGiDiffTrain(BasicTrainTask):
             val_organs=",".join(organs),
             balanced_anatomy=self.balanced_anatomy,
         )
-        logger.info("training on %d images (%d slices with an organ)%s, validating on %d; %d epochs × %d steps on %s",
-                    len(train_volumes), real_slices, f" and {context.mix['phantoms']} phantoms" if context.mix["phantoms"]
-                    else "", len(val_volumes), epochs, steps_per_epoch, device)
-        publisher = _EpochPublisher(self, context, steps_per_epoch, epochs)
+        logger.info("training on %d images (%d slices with an organ; %d non-contrast CT, %.0f %% of their samples in "
+                    "an enhanced phase)%s, validating on %d; %d epochs × %d steps on %s",
+                    len(train_volumes), real_slices, context.mix["unenhanced_ct_studies"],
+                    100 * train_set.contrast_rate,
+                    f" and {context.mix['phantoms']} phantoms" if context.mix["phantoms"] else "", len(val_volumes),
+                    epochs, steps_per_epoch, device)
+        publisher = _EpochPublisher(self, context, steps_per_epoch, epochs, float(request["publish_margin"]))
         trainer = DiffusionTrainer(model, prompt_encoder_for(model), train_set, val_volumes, config,
                                    context.output_dir, device=device, on_validation=publisher if main else None)
         publisher.trainer = trainer
         if main:  # rank 0 alone validates and publishes
             publisher.served = self.served_validation(trainer).get("mean_dice", -1.0)
-            logger.info("served model: validation mean Dice %.3f; an epoch is published only if it beats this",
-                        publisher.served)
+            logger.info("served model: validation mean Dice %.3f; an epoch is published only if it beats this by %g",
+                        publisher.served, publisher.margin)
         trainer.fit()
         return publisher.finish() if main else {}
+
+    def training_set(self, volumes: list[Volume], request: dict, config: ProGiDiffConfig) -> SliceDataset:
+        """Random training samples of the datastore's volumes and the phantoms mixed in (`training_groups`).
+
+        A non-contrast CT study (`Volume.unenhanced_ct`; MR never is) has `contrast_rate` of its samples moved to
+        an enhanced phase, as the default model's recipe moves its real CT (`--contrast-rate`): trained on
+        non-contrast studies alone, the model would forget that organs and vessels can be bright."""
+        groups = self.training_groups(volumes, int(request["phantoms"]), float(request["real_weight"]))
+        return SliceDataset(groups, config.image_size, list(config.organs) or list(ORGAN_IDS), seed=0,
+                            bias_field=self.bias_field, contrast_rate=float(request.get("contrast_rate", 0.0)),
+                            context_slices=config.context_slices)
 
     def training_groups(self, volumes: list[Volume], phantoms: int, real_weight: float
                         ) -> list[tuple[list[Volume], float]]:
@@ -297,15 +320,17 @@ def _hold_out_blocks(volumes: list[Volume], share: float) -> tuple[list[Volume],
 
 class _EpochPublisher:
     """After each epoch's validation: write MONAI Label train stats; keep the run's best epoch as the candidate,
-    and publish it over the served model only when it beats the served model's validation (and earlier epochs)."""
+    and publish it over the served model only when it beats the served model's validation by `margin` (and
+    earlier epochs)."""
 
-    def __init__(self, task: ProGiDiffTrain, context: Context, steps_per_epoch: int, epochs: int):
+    def __init__(self, task: ProGiDiffTrain, context: Context, steps_per_epoch: int, epochs: int, margin: float):
         self.task = task
         self.context = context
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
         self.trainer: DiffusionTrainer | None = None
         self.served = -1.0  # validation mean Dice of the served model before this run
+        self.margin = margin  # what an epoch must gain over it to be published
         self.best = -1.0  # of this run's epochs
         self.best_epoch = 0
         self.published_epoch: int | None = None
@@ -322,14 +347,15 @@ class _EpochPublisher:
         if entry["mean_dice"] > self.best:
             self.best, self.best_epoch = entry["mean_dice"], epoch
             self.task.save_to(self.trainer, self.candidate_path)
-            if self.best > self.served:  # a new best of the run beats every earlier epoch too
+            if self.best > self.served + self.margin:  # a new best of the run beats every earlier epoch too
                 self.task.publish(self.trainer)
                 self.published_epoch = epoch
-                logger.info("epoch %d: validation mean Dice %.3f beats the served model's %.3f → published to %s",
-                            epoch, self.best, self.served, self.task._publish_path)
+                logger.info("epoch %d: validation mean Dice %.3f beats the served model's %.3f by more than %g → "
+                            "published to %s", epoch, self.best, self.served, self.margin, self.task._publish_path)
             else:
-                logger.info("epoch %d: validation mean Dice %.3f does not beat the served model's %.3f: kept as the "
-                            "candidate %s, not published", epoch, self.best, self.served, self.candidate_path)
+                logger.info("epoch %d: validation mean Dice %.3f does not beat the served model's %.3f by more than %g: "
+                            "kept as the candidate %s, not published", epoch, self.best, self.served, self.margin,
+                            self.candidate_path)
         self._write_stats(epoch, metrics, done=epoch >= self.epochs)
 
     def finish(self) -> dict:
@@ -352,6 +378,7 @@ class _EpochPublisher:
             "tensorboard": str(Path(self.context.output_dir) / "tensorboard"),
             "processes": self.context.world_size,
             "served_val_mean_dice": self.served,
+            "publish_margin": self.margin,
             "published": self.published_epoch is not None,
             "published_epoch": self.published_epoch,
             "published_to": self.task._publish_path,

@@ -44,15 +44,17 @@ class ProGiDiffLoraTrain(ProGiDiffTrain):
             # One labelled study is a few dozen slices: 20 epochs were 40 steps and left the adapter unusable
             # (bench/app_mr_training.py); 300 with 8 MR phantoms are 900 steps (≈ 21 min on 2 CPU cores).
             config={"max_epochs": 300, "learning_rate": 1e-3, "rank": 8, "alpha": 8.0, "dropout": 0.0,
-                    "base_attention": False, "phantoms": 8},
+                    "base_attention": False},
             description=f"Few-shot LoRA adaptation of the ProGiDiff model to {modality} (model frozen)",
         )
+        self._config.pop("contrast_rate")  # moves non-contrast CT only: a no-op on MR studies
         self.modality = modality
         self.lora_settings = lora.LoraSettings()
         self.normalisation = normalisation_for(modality)  # recorded in the adapter: the infer task applies it too
 
     def option_bounds(self) -> dict[str, tuple[type, float, float]]:
-        return {**super().option_bounds(), "rank": (int, 1, 256), "alpha": (float, 0.01, 10000.0),
+        bounds = {key: value for key, value in super().option_bounds().items() if key != "contrast_rate"}
+        return {**bounds, "rank": (int, 1, 256), "alpha": (float, 0.01, 10000.0),
                 "dropout": (float, 0.0, 0.9)}
 
     def network(self, context: Context) -> ProGiDiffModel:
