@@ -32,10 +32,10 @@ import torch
 
 from progidiff import evaluate
 from progidiff.labels import load_class_map
-from progidiff.phantoms import write_sample_set
+from progidiff.phantoms import save_nifti, write_sample_set
 
 # bench/, beside this script
-from default_model import cases, group_mean
+from default_model import cases, group_mean, mean
 from held_out import CT_A_FULL, HELD_OUT_FULL, UNSEEN_ORGANS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +62,7 @@ def labelled_study(kind: str, work: Path) -> dict:
     item = {"class_map": load_class_map("total", CT_A_FULL / "label.nii.gz"), "id": "ct_a_full_lower"}
     for key, name in (("image", "image.nii.gz"), ("label", "label.nii.gz")):
         source = nib.load(CT_A_FULL / name)
-        kept = np.asarray(source.dataobj)[:, :, :HELD_OUT_FULL.start]
-        nib.save(nib.Nifti1Image(kept, source.affine, source.header), work / name)
+        save_nifti(np.asarray(source.dataobj)[:, :, :HELD_OUT_FULL.start], source.affine, work / name)
         item[key] = str(work / name)
     return item
 
@@ -100,7 +99,7 @@ def unseen(model: Path, work: Path, args: argparse.Namespace) -> dict:
     means = {group: {organ: group_mean([r for r in rows if r["group"] == group], organ, "dice_consensus")
                      for organ in UNSEEN_ORGANS} for group in GROUPS}
     for group in GROUPS:
-        means[group]["mean"] = round(float(np.mean([v for v in means[group].values() if v is not None])), 3)
+        means[group]["mean"] = mean(list(means[group].values()))
     return {"dice": means, "cases": [{"case": r["case"], "dice": {o: s["dice_consensus"] for o, s in
                                                                   r["progidiff"]["organs"].items()}} for r in rows]}
 

@@ -89,11 +89,12 @@ class ProGiDiffTrain(BasicTrainTask):
             self._config.pop(key, None)  # MONAI's ignite options; this loop does not use them
 
     def option_bounds(self) -> dict[str, tuple[type, float, float]]:
-        """Train options a request may set: (type, lowest, highest)."""
-        return {"max_epochs": (int, 1, 10000), "learning_rate": (float, 1e-8, 1.0), "train_batch_size": (int, 1, 256),
-                "val_split": (float, 0.0, 0.9), "val_proposals": (int, 1, self.settings.max_proposals),
-                "val_steps": (int, 1, 200), "phantoms": (int, 0, 64), "real_weight": (float, 0.05, 1.0),
-                "contrast_rate": (float, 0.0, 1.0), "publish_margin": (float, 0.0, 1.0)}
+        """Train options a request may set: (type, lowest, highest), for the options this task has."""
+        bounds = {"max_epochs": (int, 1, 10000), "learning_rate": (float, 1e-8, 1.0), "train_batch_size": (int, 1, 256),
+                  "val_split": (float, 0.0, 0.9), "val_proposals": (int, 1, self.settings.max_proposals),
+                  "val_steps": (int, 1, 200), "phantoms": (int, 0, 64), "real_weight": (float, 0.05, 1.0),
+                  "contrast_rate": (float, 0.0, 1.0), "publish_margin": (float, 0.0, 1.0)}
+        return {key: bound for key, bound in bounds.items() if key in self._config}
 
     def check_request(self, params: dict[str, Any]) -> None:
         """Refuse bad options (HTTP 400, saying what is accepted) before MONAI Label submits the run."""

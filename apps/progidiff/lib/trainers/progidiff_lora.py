@@ -47,14 +47,13 @@ class ProGiDiffLoraTrain(ProGiDiffTrain):
                     "base_attention": False},
             description=f"Few-shot LoRA adaptation of the ProGiDiff model to {modality} (model frozen)",
         )
-        self._config.pop("contrast_rate")  # moves non-contrast CT only: a no-op on MR studies
+        self._config.pop("contrast_rate")  # moves non-contrast CT only: not an option of the MR task
         self.modality = modality
         self.lora_settings = lora.LoraSettings()
         self.normalisation = normalisation_for(modality)  # recorded in the adapter: the infer task applies it too
 
     def option_bounds(self) -> dict[str, tuple[type, float, float]]:
-        bounds = {key: value for key, value in super().option_bounds().items() if key != "contrast_rate"}
-        return {**bounds, "rank": (int, 1, 256), "alpha": (float, 0.01, 10000.0),
+        return {**super().option_bounds(), "rank": (int, 1, 256), "alpha": (float, 0.01, 10000.0),
                 "dropout": (float, 0.0, 0.9)}
 
     def network(self, context: Context) -> ProGiDiffModel:
