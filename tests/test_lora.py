@@ -93,7 +93,7 @@ def test_the_cli_trains_an_adapter_alone_and_records_the_mr_normalisation(tmp_pa
     assert config["modality"] == "MR" and config["intensity"] == normalisation_for("MR").to_dict()
     assert config["settings"]["rank"] == 4 and record["config"]["balanced_anatomy"] is True
     assert record["steps"] == 3 and "liver" in record["final_validation"]["dice"]
-    assert record["volumes"] == {"synthetic": 2, "real": 1, "validation": 2}  # two held-out blocks
+    assert record["volumes"] == {"synthetic": 2, "real": 1, "pseudo_ct": 0, "validation": 2}  # two held-out blocks
     assert weights_digest(model_dir) == before  # the model itself is never written
     fresh = ProGiDiffModel.from_pretrained(model_dir)
     lora.load_adapter(fresh, adapter, "mr")

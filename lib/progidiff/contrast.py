@@ -125,9 +125,18 @@ def simulate_phase(
         kidney = label == organ_ids[organ]
         if kidney.sum() < 3:
             continue
-        depth = ndimage.distance_transform_edt(kidney, sampling=sampling)
-        pelvis = kidney & (depth > max(9.0, 0.75 * depth.max())) if phase == "delayed" else np.zeros_like(kidney)
-        shift(kidney & (depth <= 5.0), values["kidney_cortex"])
-        shift(kidney & (depth > 5.0) & ~pelvis, values["kidney_medulla"])
+        cortex, medulla, pelvis = kidney_parts(kidney, sampling)
+        if phase != "delayed":  # the collecting system only shows once it fills
+            medulla, pelvis = medulla | pelvis, np.zeros_like(pelvis)
+        shift(cortex, values["kidney_cortex"])
+        shift(medulla, values["kidney_medulla"])
         shift(pelvis, values["renal_pelvis"])
     return out
+
+
+def kidney_parts(kidney: np.ndarray, sampling: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cortex, medulla, pelvis) masks of a kidney mask by depth: the outer 5 mm, the innermost part (the
+    collecting system) and what lies between."""
+    depth = ndimage.distance_transform_edt(kidney, sampling=sampling)
+    pelvis = kidney & (depth > max(9.0, 0.75 * depth.max(initial=0.0)))
+    return kidney & (depth <= 5.0), kidney & (depth > 5.0) & ~pelvis, pelvis

@@ -542,22 +542,27 @@ def paint_outside(p: Painter) -> None:
         p.tissue(box, slab + shell, "table_foam")
 
 
-def acquire(canvas: Canvas, patient: Patient, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The scanner's view of the painted anatomy: tissue texture, slice profile, kernel and noise (CT);
-    bias field and Rician noise (MR)."""
-    shape = canvas.shape
-    speckle = smooth_field(rng, shape, (0.8, 0.8, 0.6))
-    ct = canvas.ct + speckle * canvas.texture
+def scan_ct(tissue_hu: np.ndarray, texture: np.ndarray, patient: Patient, rng: np.random.Generator) -> np.ndarray:
+    """CT of painted tissue values (HU) with their `texture` added: slice profile, the patient's kernel and noise."""
+    ct = tissue_hu + texture
     thickness = patient.slice_mm * rng.uniform(1.0, 1.3)  # overlapping reconstruction now and then
     ct = ndimage.gaussian_filter1d(ct, 0.4 * thickness / patient.slice_mm, axis=2)
     if patient.sharp_kernel:
         blurred = ndimage.gaussian_filter(ct, (1.0, 1.0, 0))
         ct = ct + rng.uniform(0.3, 0.7) * (ct - blurred)
-        noise = rng.normal(0, patient.noise_hu, shape)
+        noise = rng.normal(0, patient.noise_hu, ct.shape)
     else:
         ct = ndimage.gaussian_filter(ct, (0.5, 0.5, 0))
-        noise = smooth_field(rng, shape, (0.7, 0.7, 0)) * patient.noise_hu
-    ct = ct + noise * np.sqrt(3.0 / patient.slice_mm)  # thinner slices, more noise
+        noise = smooth_field(rng, ct.shape, (0.7, 0.7, 0)) * patient.noise_hu
+    return ct + noise * np.sqrt(3.0 / patient.slice_mm)  # thinner slices, more noise
+
+
+def acquire(canvas: Canvas, patient: Patient, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The scanner's view of the painted anatomy: tissue texture, slice profile, kernel and noise (CT);
+    bias field and Rician noise (MR)."""
+    shape = canvas.shape
+    speckle = smooth_field(rng, shape, (0.8, 0.8, 0.6))
+    ct = scan_ct(canvas.ct, speckle * canvas.texture, patient, rng)
     mr = canvas.mr + speckle * canvas.texture * 0.3
     mr = mr * np.exp(smooth_field(rng, shape, 20) * 0.25)
     sigma = rng.uniform(6, 14)

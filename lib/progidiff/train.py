@@ -28,7 +28,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +42,7 @@ from .io_utils import atomic_file
 from .labels import ORGAN_IDS
 from .model import ProGiDiffConfig, ProGiDiffModel
 from .pipeline import prompt_encoder_for
+from .pseudo_ct import pseudo_ct_volumes
 from .pseudo_mr import pseudo_mr_volumes
 from .training import BaselineTrainer, DiffusionTrainer, TrainConfig, Trainer, leave_process_group
 
@@ -72,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "trained on with the phantoms' share of the samples")
     p.add_argument("--pseudo-mr-variants", type=int, default=4,
                    help="renderings of each --pseudo-mr CT (each a different draw of MR contrast and noise)")
+    p.add_argument("--pseudo-ct", nargs=3, action="append", default=[], metavar=("IMAGE", "LABEL", "LABEL_MAP"),
+                   help="a labelled MR rendered as CT (progidiff.pseudo_ct): another patient's real anatomy for a "
+                        "CT model, trained on with --pseudo-ct-weight of the samples")
+    p.add_argument("--pseudo-ct-variants", type=int, default=4,
+                   help="renderings of each --pseudo-ct MR (each a different patient draw: phase, values, noise)")
+    p.add_argument("--pseudo-ct-hold-out", type=parse_ranges, default=None, metavar="Z0:Z1[,Z2:Z3]",
+                   help="z-slices of each --pseudo-ct MR never trained on (those the MR adapter is scored on)")
+    p.add_argument("--pseudo-ct-weight", type=float, default=0.15,
+                   help="share of samples drawn from the --pseudo-ct renderings (taken from the phantoms' share)")
     p.add_argument("--hold-out", type=parse_ranges, default=None, metavar="Z0:Z1[,Z2:Z3]",
                    help="z-slices of each --volume kept for validation (e.g. 10:18, or 5:10,15:20)")
     p.add_argument("--real-weight", type=float, default=0.35, help="share of samples drawn from --volume data")
@@ -173,8 +183,23 @@ def process_device(requested: str) -> torch.device:
     return torch.device("cuda", local_rank if dist.is_initialized() else torch.cuda.current_device())
 
 
-def load_data(args: argparse.Namespace) -> tuple[list[Volume], list[Volume], list[Volume]]:
-    """(synthetic training volumes: phantoms and pseudo-MR, real training volumes, validation volumes)."""
+@dataclass
+class TrainingData:
+    synthetic: list[Volume]  # phantoms and pseudo-MR
+    real: list[Volume]  # the --volume studies' training slices
+    pseudo_ct: list[Volume]  # the --pseudo-ct renderings' training slices
+    validation: list[Volume]
+
+    def sample_groups(self, real_weight: float, pseudo_ct_weight: float) -> list[tuple[list[Volume], float]]:
+        """(volumes, share of the samples) for `SliceDataset`: the synthetic volumes take what the others leave,
+        and a run with nothing synthetic draws from what it has in their shares' proportions."""
+        groups = [(self.real, real_weight), (self.pseudo_ct, pseudo_ct_weight)]
+        groups = [(volumes, weight) for volumes, weight in groups if volumes]
+        rest = 1.0 - sum(weight for _, weight in groups)
+        return [(self.synthetic, rest), *groups] if self.synthetic else groups
+
+
+def load_data(args: argparse.Namespace) -> TrainingData:
     normalisation = normalisation_for(args.modality)
     phantoms = phantom_volumes(args.phantoms, args.phantom_seed, args.modality, workers=os.cpu_count() or 1) \
         if args.phantoms else []
@@ -183,6 +208,12 @@ def load_data(args: argparse.Namespace) -> tuple[list[Volume], list[Volume], lis
         phantoms += pseudo_mr_volumes(load_volume_pair(image, label, label_map, spacing=args.spacing_mm),
                                       args.pseudo_mr_variants)
     phantoms, val = [normalised(v, normalisation) for v in phantoms], [normalised(v, normalisation) for v in val]
+    pseudo_ct = []
+    for image, label, label_map in args.pseudo_ct:
+        renderings = pseudo_ct_volumes(load_volume_pair(image, label, label_map, spacing=args.spacing_mm),
+                                       args.pseudo_ct_variants)
+        for rendering in renderings:
+            pseudo_ct += split_slices(rendering, args.pseudo_ct_hold_out or [])[0]
     real = []
     for image, label, label_map in args.volume:
         volume = normalised(load_volume_pair(image, label, label_map, spacing=args.spacing_mm), normalisation)
@@ -192,7 +223,7 @@ def load_data(args: argparse.Namespace) -> tuple[list[Volume], list[Volume], lis
             real.extend(runs)
         else:
             real.append(volume)
-    return phantoms, real, val
+    return TrainingData(phantoms, real, pseudo_ct, val)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -202,6 +233,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--lora adapts a trained model: give --init-from MODEL_DIR (and not --baseline)")
     if args.pseudo_mr and args.modality != "mr":
         parser.error("--pseudo-mr renders a CT as MR for MR training: give --modality mr")
+    if args.pseudo_ct and args.modality != "ct":
+        parser.error("--pseudo-ct renders an MR as CT for CT training: leave --modality ct")
+    if args.pseudo_ct and args.real_weight + args.pseudo_ct_weight > 1:
+        parser.error("--real-weight + --pseudo-ct-weight must be at most 1 (the phantoms take the rest)")
     args.context_slices = context_slices(args, parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
@@ -209,30 +244,30 @@ def main(argv: list[str] | None = None) -> dict:
     organs = [o.strip() for o in args.organs.split(",") if o.strip()] or list(ORGAN_IDS)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    phantoms, real, val = load_data(args)
-    if not phantoms and not real:
+    data = load_data(args)
+    if not data.synthetic and not data.real and not data.pseudo_ct:
         raise SystemExit("nothing to train on: give --phantoms N and/or --volume IMAGE LABEL MAP")
     logger.info("data: %d phantoms / pseudo-MR, %d real volumes (%d runs of training slices, %d of them non-contrast "
-                "CT), %d validation volumes (%.0f s)", len(phantoms), len(args.volume), len(real),
-                sum(v.unenhanced_ct for v in real), len(val), time.time() - start)
+                "CT), %d pseudo-CT runs, %d validation volumes (%.0f s)", len(data.synthetic), len(args.volume),
+                len(data.real), sum(v.unenhanced_ct for v in data.real), len(data.pseudo_ct), len(data.validation),
+                time.time() - start)
 
     device = process_device(args.device)
     try:
-        return fit_and_save(args, argv, organs, (phantoms, real, val), device, start)
+        return fit_and_save(args, argv, organs, data, device, start)
     finally:
         leave_process_group()  # every rank, however its run ended
 
 
-def fit_and_save(args: argparse.Namespace, argv: list[str] | None, organs: list[str],
-                 data: tuple[list[Volume], list[Volume], list[Volume]], device: torch.device, start: float) -> dict:
-    """Train (or resume) on `data` (phantoms, real, validation) and, on rank 0, write the model or adapter and
-    the train record; {} on the other ranks."""
-    phantoms, real, val = data
+def fit_and_save(args: argparse.Namespace, argv: list[str] | None, organs: list[str], data: TrainingData,
+                 device: torch.device, start: float) -> dict:
+    """Train (or resume) on `data` and, on rank 0, write the model or adapter and the train record; {} on the
+    other ranks."""
     config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
-    groups = [(phantoms, 1.0 - args.real_weight if real else 1.0), (real, args.real_weight if phantoms else 1.0)]
+    groups = data.sample_groups(args.real_weight, args.pseudo_ct_weight if args.pseudo_ct else 0.0)
     train_set = SliceDataset(groups, args.image_size, organs, seed=config.seed, bias_field=args.modality != "ct",
                              contrast_rate=args.contrast_rate, context_slices=args.context_slices)
-    trainer = build_trainer(args, organs, (train_set, val, config, args.out), device)
+    trainer = build_trainer(args, organs, (train_set, data.validation, config, args.out), device)
     trainer.resume()
     first_step, fit_started = trainer.step, time.time()
     final = trainer.fit()
@@ -264,7 +299,8 @@ def fit_and_save(args: argparse.Namespace, argv: list[str] | None, organs: list[
         "steps_this_launch": trainer.step - first_step,
         "torch_threads": torch.get_num_threads(),
         "processes": trainer.world_size,
-        "volumes": {"synthetic": len(phantoms), "real": len(args.volume), "validation": len(val)},
+        "volumes": {"synthetic": len(data.synthetic), "real": len(args.volume), "pseudo_ct": len(data.pseudo_ct),
+                    "validation": len(data.validation)},
         "final_validation": final,
         "history": trainer.history,
         "config": asdict(config),
