@@ -53,6 +53,13 @@ def test_a_phantom_mr_rendered_as_ct_reads_as_ct_of_its_drawn_phase():
     assert {phase_of(v) for v in renderings} & {"arterial", "portal-venous", "delayed"}
 
 
+def test_a_ct_is_refused_as_the_mr_to_render():
+    phantom = make_phantom(5)
+    ct = Volume(phantom.ct.astype(np.float32), phantom.label, "phantom_5", (3.0, 3.0, 3.0))
+    with pytest.raises(ValueError, match="reads as CT"):
+        pseudo_ct_volumes(ct, 1)
+
+
 def test_pseudo_ct_takes_its_share_from_the_phantoms():
     volume = Volume(np.zeros((4, 4, 2), np.float32), np.ones((4, 4, 2), np.uint8), "v", (3.0, 3.0, 3.0))
     with_all = train.TrainingData(synthetic=[volume], real=[volume], pseudo_ct=[volume], validation=[])

@@ -24,6 +24,7 @@ from scipy import ndimage
 from . import contrast, pseudo_mr
 from .data import Volume
 from .labels import ORGAN_IDS
+from .modality import intensity_modality
 from .phantom_shapes import smooth_field
 from .phantoms import TEXTURE, Patient, scan_ct
 
@@ -88,6 +89,8 @@ def render(mr: np.ndarray, label: np.ndarray, spacing: tuple[float, float, float
     patient = Patient(rng, phase=None, slice_mm=spacing[2])
     body = body_mask(mr, label)
     unlabelled = body & (label == 0)
+    if not unlabelled.any():
+        raise ValueError("the MR has no unlabelled body voxels to read fat and muscle from")
     muscle, fat = signal_of_muscle_and_fat(mr[unlabelled])
     fattiness = np.clip((mr - muscle) / max(fat - muscle, 1e-6), 0.0, 1.0)
     hu = np.full(mr.shape, patient.value("air")[0], np.float32)
@@ -106,6 +109,8 @@ def render(mr: np.ndarray, label: np.ndarray, spacing: tuple[float, float, float
 def pseudo_ct_volumes(mr_volume: Volume, count: int, seed: int = 0) -> list[Volume]:
     """`count` CT-like renderings of one labelled MR (seeds `seed`…), each a different patient draw: contrast
     phase, tissue values, kernel and noise."""
+    if intensity_modality(mr_volume.image) == "CT":
+        raise ValueError(f"{mr_volume.name} reads as CT in HU (air near -1000): --pseudo-ct renders a labelled MR")
     out = []
     for i in range(count):
         image, phase = render(mr_volume.image, mr_volume.label, mr_volume.spacing, seed + i)

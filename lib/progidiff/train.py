@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="renderings of each --pseudo-ct MR (each a different patient draw: phase, values, noise)")
     p.add_argument("--pseudo-ct-hold-out", type=parse_ranges, default=None, metavar="Z0:Z1[,Z2:Z3]",
                    help="z-slices of each --pseudo-ct MR never trained on (those the MR adapter is scored on)")
-    p.add_argument("--pseudo-ct-weight", type=float, default=0.15,
+    p.add_argument("--pseudo-ct-weight", type=float, default=0.2,
                    help="share of samples drawn from the --pseudo-ct renderings (taken from the phantoms' share)")
     p.add_argument("--hold-out", type=parse_ranges, default=None, metavar="Z0:Z1[,Z2:Z3]",
                    help="z-slices of each --volume kept for validation (e.g. 10:18, or 5:10,15:20)")
@@ -200,6 +200,7 @@ class TrainingData:
 
 
 def load_data(args: argparse.Namespace) -> TrainingData:
+    """The run's volumes: phantoms and renderings, the --volume studies split by --hold-out, validation."""
     normalisation = normalisation_for(args.modality)
     phantoms = phantom_volumes(args.phantoms, args.phantom_seed, args.modality, workers=os.cpu_count() or 1) \
         if args.phantoms else []
@@ -264,7 +265,7 @@ def fit_and_save(args: argparse.Namespace, argv: list[str] | None, organs: list[
     """Train (or resume) on `data` and, on rank 0, write the model or adapter and the train record; {} on the
     other ranks."""
     config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
-    groups = data.sample_groups(args.real_weight, args.pseudo_ct_weight if args.pseudo_ct else 0.0)
+    groups = data.sample_groups(args.real_weight, args.pseudo_ct_weight)
     train_set = SliceDataset(groups, args.image_size, organs, seed=config.seed, bias_field=args.modality != "ct",
                              contrast_rate=args.contrast_rate, context_slices=args.context_slices)
     trainer = build_trainer(args, organs, (train_set, data.validation, config, args.out), device)
