@@ -92,6 +92,11 @@ TISSUES: dict[str, tuple[tuple[float, float] | None, float, float]] = {
 TEXTURE = {"fat": 8.0, "visceral_fat": 10.0, "liver": 6.0, "spleen": 6.0, "pancreas": 18.0, "stool": 120.0,
            "lung": 60.0, "bone_marrow": 40.0, "muscle": 6.0, "bowel_fluid": 6.0, "kidney_cortex": 8.0}
 
+
+def texture_of(tissue: str) -> float:
+    """Texture amplitude (HU) of a tissue: its own, or the faint default of tissues without one."""
+    return TEXTURE.get(tissue, 4.0)
+
 # Vertebral levels (body centre, mm) in body coordinates: thoracic 28 mm apart, lumbar 33.
 VERTEBRAE = {"T7": 222, "T8": 196, "T9": 170, "T10": 142, "T11": 112, "T12": 80, "L1": 46, "L2": 13, "L3": -20,
              "L4": -53, "L5": -86, "S1": -118}
@@ -171,7 +176,7 @@ class Painter:
             occupancy *= self.canvas.occupancy(self.diaphragm[box] + 2.0)  # below the diaphragm
         ct, mr = self.patient.value(tissue)
         self.canvas.paint(box, occupancy, ct, mr, ORGAN_IDS[organ] if organ else None,
-                          TEXTURE.get(tissue, 4.0), keep_label)
+                          texture_of(tissue), keep_label)
         return occupancy
 
 

@@ -26,7 +26,7 @@ from .data import Volume
 from .labels import ORGAN_IDS
 from .modality import intensity_modality
 from .phantom_shapes import smooth_field
-from .phantoms import TEXTURE, Patient, scan_ct
+from .phantoms import Patient, scan_ct, texture_of
 
 # Labelled organs → the phantom tissue whose CT value they take, as pseudo-MR maps them; kidneys, bowel and
 # bone are split further here.
@@ -92,14 +92,14 @@ def render(mr: np.ndarray, label: np.ndarray, spacing: tuple[float, float, float
     if not unlabelled.any():
         raise ValueError("the MR has no unlabelled body voxels to read fat and muscle from")
     muscle, fat = signal_of_muscle_and_fat(mr[unlabelled])
-    fattiness = np.clip((mr - muscle) / max(fat - muscle, 1e-6), 0.0, 1.0)
+    fattiness = np.clip((mr[unlabelled] - muscle) / max(fat - muscle, 1e-6), 0.0, 1.0)
     hu = np.full(mr.shape, patient.value("air")[0], np.float32)
     texture = np.zeros(mr.shape, np.float32)
-    hu[unlabelled] = (patient.value("muscle")[0] * (1 - fattiness) + patient.value("fat")[0] * fattiness)[unlabelled]
-    texture[unlabelled] = TEXTURE["fat"]
+    hu[unlabelled] = patient.value("muscle")[0] * (1 - fattiness) + patient.value("fat")[0] * fattiness
+    texture[unlabelled] = texture_of("fat")
     for tissue, mask in tissue_of_labels(label, mr, spacing).items():
         hu[mask] = patient.value(tissue)[0]
-        texture[mask] = TEXTURE.get(tissue, 4.0)
+        texture[mask] = texture_of(tissue)
     hu = ndimage.gaussian_filter(hu, (0.5, 0.5, 0.3))  # partial volume at tissue borders
     speckle = smooth_field(rng, mr.shape, (0.8, 0.8, 0.6))
     ct = scan_ct(hu, speckle * texture, patient, rng)
