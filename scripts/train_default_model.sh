@@ -9,6 +9,7 @@
 # (72 min on 2026-12-06, where both stages ended by their steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/install.sh
 out=${1:-runs/recipe}
 data=../shared/data
 common=(--phantoms 150 --volume "$data/ct_a_full/image.nii.gz" "$data/ct_a_full/label.nii.gz" total
