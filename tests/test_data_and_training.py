@@ -12,6 +12,7 @@ import torch
 
 from conftest import SHARED_DATA, requires_shared_data, save_awake_tiny_model, tiny_config, wake_control_branch
 from progidiff import evaluate, segment, train
+from progidiff.baseline import BaselineSegmenter
 from progidiff.data import SliceDataset, Volume, load_volume_pair, phantom_volumes, split_slices
 from progidiff.labels import ORGAN_IDS, load_class_map, organs_present, to_schema
 from progidiff.model import ProGiDiffModel
@@ -197,6 +198,34 @@ def test_a_run_whose_time_ends_in_the_encoder_phase_writes_no_model(tmp_path):
                     "--max-steps", "5", "--encoder-steps", "5", "--max-minutes", "1e-9", "--val-phantoms", "0",
                     "--val-every", "0", "--batch-size", "2", "--threads", str(torch.get_num_threads())])
     assert (out / "checkpoint.pt").is_file() and not (out / "model").exists()
+
+
+def _train_on_one_phantom(out: Path, *extra: str) -> dict:
+    return train.main(["--out", str(out), "--image-size", "32", "--volume", str(SAMPLE / "phantom_000.nii.gz"),
+                       str(SAMPLE / "labels" / "final" / "phantom_000.nii.gz"), "schema", "--val-phantoms", "0",
+                       "--val-every", "0", "--batch-size", "2", "--threads", str(torch.get_num_threads()), *extra])
+
+
+def test_the_baseline_goes_on_from_its_own_model(tmp_path, capsys):
+    """A two-stage recipe's same-budget baseline: stage 2 starts from stage 1's baseline weights, not from fresh
+    ones; a model folder of the other kind is refused with what to give instead."""
+    first = _train_on_one_phantom(tmp_path / "stage1", "--baseline", "--max-steps", "3")
+    assert first["steps"] == 3
+    stage1 = tmp_path / "stage1" / "model"
+    _train_on_one_phantom(tmp_path / "again", "--baseline", "--init-from", str(stage1), "--max-steps", "0")
+    _train_on_one_phantom(tmp_path / "stage2", "--baseline", "--init-from", str(stage1), "--max-steps", "2")
+    weights = {name: BaselineSegmenter.from_pretrained(tmp_path / name / "model").state_dict()
+               for name in ("stage1", "again", "stage2")}
+    assert all(torch.allclose(weights["again"][k], v) for k, v in weights["stage1"].items())
+    assert not all(torch.allclose(weights["stage2"][k], v) for k, v in weights["stage1"].items())
+
+    with pytest.raises(SystemExit):
+        _train_on_one_phantom(tmp_path / "wrong", "--init-from", str(stage1), "--max-steps", "1")
+    assert "give --baseline to go on training it" in capsys.readouterr().err
+    diffusion_model = save_awake_tiny_model(tmp_path / "diffusion")
+    with pytest.raises(SystemExit):
+        _train_on_one_phantom(tmp_path / "wrong", "--baseline", "--init-from", str(diffusion_model), "--max-steps", "1")
+    assert "--baseline goes on from a baseline model folder" in capsys.readouterr().err
 
 
 def test_boundary_jitter_moves_the_whole_boundary_out_or_in():

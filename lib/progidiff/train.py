@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from . import lora
-from .baseline import BaselineConfig, BaselineSegmenter
+from .baseline import BaselineConfig, BaselineSegmenter, is_baseline_folder
 from .data import SliceDataset, Volume, load_volume_pair, normalised, phantom_volumes, split_slices
 from .intensity import normalisation_for
 from .io_utils import atomic_file
@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the samples from a real non-contrast CT --volume moved to a random contrast "
                         "phase (progidiff.contrast); 0: as scanned")
     p.add_argument("--organs", default="", help="comma list of schema organs (default: all)")
-    p.add_argument("--init-from", type=Path, default=None, help="start from this model folder")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from this model folder (with --baseline, a baseline model folder)")
     p.add_argument("--spacing-mm", type=float, default=3.0, help="in-plane spacing volumes are resampled to")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--mask-size", type=int, default=64)
@@ -121,13 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
 def context_slices(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """The neighbours each side the model reads: an --init-from model's own (its scan encoder was built for
     them), else --context-slices (the baseline reads one slice)."""
+    if args.baseline:
+        if args.context_slices:
+            parser.error("--context-slices is for the ProGiDiff model; the baseline reads one slice")
+        return 0
     if args.init_from:
         own = ProGiDiffConfig.load(args.init_from).context_slices
         if args.context_slices not in (None, own):
             parser.error(f"--context-slices {args.context_slices}: the --init-from model reads {own}")
         return own
-    if args.baseline and args.context_slices:
-        parser.error("--context-slices is for the ProGiDiff model; the baseline reads one slice")
     if args.context_slices is not None and not 0 <= args.context_slices <= 4:
         parser.error(f"--context-slices must be 0 to 4; got {args.context_slices}")
     return args.context_slices or 0
@@ -164,8 +167,11 @@ def build_model(args: argparse.Namespace, organs: list[str]) -> ProGiDiffModel:
 def build_trainer(args: argparse.Namespace, organs: list[str], train_args: tuple, device: torch.device) -> Trainer:
     if args.baseline:
         torch.manual_seed(args.seed)
-        config = BaselineConfig(image_size=args.image_size, spacing_mm=args.spacing_mm, organs=tuple(organs))
-        model = BaselineSegmenter(config)
+        if args.init_from:
+            model = BaselineSegmenter.from_pretrained(args.init_from)
+        else:
+            config = BaselineConfig(image_size=args.image_size, spacing_mm=args.spacing_mm, organs=tuple(organs))
+            model = BaselineSegmenter(config)
         return BaselineTrainer(model, *train_args, device=device)
     model = build_model(args, organs)
     return DiffusionTrainer(model, prompt_encoder_for(model, args.init_from), *train_args, device=device)
@@ -232,6 +238,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.lora and (args.baseline or not args.init_from):
         parser.error("--lora adapts a trained model: give --init-from MODEL_DIR (and not --baseline)")
+    if args.init_from and args.baseline != is_baseline_folder(args.init_from):
+        parser.error(f"--init-from {args.init_from}: " + (
+            "--baseline goes on from a baseline model folder (with baseline_config.json)" if args.baseline else
+            "that is a baseline model folder; give --baseline to go on training it"))
     if args.pseudo_mr and args.modality != "mr":
         parser.error("--pseudo-mr renders a CT as MR for MR training: give --modality mr")
     if args.pseudo_ct and args.modality != "ct":
