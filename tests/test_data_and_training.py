@@ -186,24 +186,21 @@ def test_the_encoder_only_phase_ends_at_its_steps_or_its_minutes(small_config, m
         assert trainer.whole_model_from is None and trainer.in_encoder_phase and not rest_trained
 
 
+def _train_on_one_phantom(out: Path, *extra: str) -> dict:
+    return train.main(["--out", str(out), "--image-size", "32", "--volume", str(SAMPLE / "phantom_000.nii.gz"),
+                       str(SAMPLE / "labels" / "final" / "phantom_000.nii.gz"), "schema", "--val-phantoms", "0",
+                       "--val-every", "0", "--batch-size", "2", "--threads", str(torch.get_num_threads()), *extra])
+
+
 def test_a_run_whose_time_ends_in_the_encoder_phase_writes_no_model(tmp_path):
     """Its diffusion UNet never trained: the CLI says so and keeps the checkpoint instead of writing a model that
     `promote` could serve."""
     out = tmp_path / "run"
     model = save_awake_tiny_model(tmp_path / "model")
     with pytest.raises(SystemExit, match="inside its encoder-only phase"):
-        train.main(["--out", str(out), "--init-from", str(model), "--image-size", "32", "--organs", "liver",
-                    "--volume", str(SAMPLE / "phantom_000.nii.gz"),
-                    str(SAMPLE / "labels" / "final" / "phantom_000.nii.gz"), "schema",
-                    "--max-steps", "5", "--encoder-steps", "5", "--max-minutes", "1e-9", "--val-phantoms", "0",
-                    "--val-every", "0", "--batch-size", "2", "--threads", str(torch.get_num_threads())])
+        _train_on_one_phantom(out, "--init-from", str(model), "--organs", "liver", "--max-steps", "5",
+                              "--encoder-steps", "5", "--max-minutes", "1e-9")
     assert (out / "checkpoint.pt").is_file() and not (out / "model").exists()
-
-
-def _train_on_one_phantom(out: Path, *extra: str) -> dict:
-    return train.main(["--out", str(out), "--image-size", "32", "--volume", str(SAMPLE / "phantom_000.nii.gz"),
-                       str(SAMPLE / "labels" / "final" / "phantom_000.nii.gz"), "schema", "--val-phantoms", "0",
-                       "--val-every", "0", "--batch-size", "2", "--threads", str(torch.get_num_threads()), *extra])
 
 
 def test_the_baseline_goes_on_from_its_own_model(tmp_path, capsys):
