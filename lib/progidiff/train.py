@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def context_slices(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """The neighbours each side the model reads: an --init-from model's own (its scan encoder was built for
-    them), else --context-slices (the baseline reads one slice)."""
+    """The neighbours each side the model reads: none for the baseline (it reads one slice), an --init-from
+    model's own (its scan encoder was built for them), else --context-slices."""
     if args.baseline:
         if args.context_slices:
             parser.error("--context-slices is for the ProGiDiff model; the baseline reads one slice")
