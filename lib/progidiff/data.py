@@ -108,19 +108,14 @@ def split_slices(volume: Volume, held_out: Collection[int]) -> tuple[list[Volume
             runs_of([z for z in range(depth) if z in held_out], "held-out"))
 
 
-def augmentation(image_size: int, bias_field: bool = False, elastic_rate: float = 0.0) -> mt.Compose:
+def augmentation(image_size: int, bias_field: bool = False) -> mt.Compose:
     """Mild geometry and wide intensity changes (contrast phases, scanners), applied to [1, S, S] slices.
-    `bias_field`: also MR's smooth multiplicative shading (coil sensitivity), so that an MR model tolerates it.
-    `elastic_rate`: share of the slices bent by a smooth random field (control points 1/8 of the slice apart,
-    moved 1-3 px): organ shapes the few real patients do not show."""
+    `bias_field`: also MR's smooth multiplicative shading (coil sensitivity), so that an MR model tolerates it."""
     keys = ["image", "label"]
     shading = [mt.RandBiasFieldd("image", degree=3, coeff_range=(0.0, 0.1), prob=0.5)] if bias_field else []
-    bending = [mt.Rand2DElasticd(keys, spacing=image_size // 8, magnitude_range=(1.0, 3.0), prob=elastic_rate,
-                                 mode=("bilinear", "nearest"), padding_mode="border")] if elastic_rate > 0 else []
     return mt.Compose(
         [
             *shading,
-            *bending,
             mt.RandAffined(
                 keys,
                 prob=0.8,
@@ -160,18 +155,16 @@ class SliceDataset(torch.utils.data.Dataset):
         bias_field: bool = False,
         contrast_rate: float = 0.0,
         context_slices: int = 0,
-        elastic_rate: float = 0.0,
     ):
         """`contrast_rate`: share of the samples from `unenhanced_ct` volumes moved to an enhanced phase.
-        `context_slices`: neighbours each side stacked with the slice as channels (2.5D, `volume.axial_slices`).
-        `elastic_rate`: share of the samples elastically bent (`augmentation`)."""
+        `context_slices`: neighbours each side stacked with the slice as channels (2.5D, `volume.axial_slices`)."""
         self.context_slices = context_slices
         self.groups = [(volumes, weight) for volumes, weight in groups if volumes]
         self.contrast_rate = contrast_rate
         self.image_size = image_size
         self.organs = organs
         self.negative_rate = negative_rate
-        self.transform = augmentation(image_size, bias_field, elastic_rate) if augment else None
+        self.transform = augmentation(image_size, bias_field) if augment else None
         self.length = length
         self.reseed(seed)
         # Slices that hold at least one organ of interest, per group.
