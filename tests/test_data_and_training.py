@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from conftest import SHARED_DATA, requires_shared_data, save_awake_tiny_model, tiny_config, wake_control_branch
 from progidiff import evaluate, segment, train
@@ -41,6 +42,18 @@ def test_phantom_anatomy_and_intensities():
     kidney_x = np.argwhere(p.label == ORGAN_IDS["kidney_right"])[:, 0].mean()
     assert kidney_x > np.argwhere(p.label == ORGAN_IDS["kidney_left"])[:, 0].mean()  # RAS: right is +x
     assert p.mr.min() >= 0 and not np.array_equal(np.argsort(p.mr.ravel()[:500]), np.argsort(p.ct.ravel()[:500]))
+
+
+def test_pancreas_fat_lowers_the_glands_hu_and_changes_nothing_else():
+    lean, fatty = make_phantom(6, phase="non-contrast"), make_phantom(6, phase="non-contrast", pancreas_fat=0.6)
+    pancreas = lean.label == ORGAN_IDS["pancreas"]
+    assert np.array_equal(lean.label, fatty.label) and lean.meta["pancreas_fat"] == 0
+    assert 0 < fatty.meta["pancreas_fat"] <= 0.6
+    # Parenchyma 30-45 HU mixed with fat near -100: the gland's median falls by about 140 HU per unit of share.
+    drop = np.median(lean.ct[pancreas]) - np.median(fatty.ct[pancreas])
+    assert drop == pytest.approx(140 * fatty.meta["pancreas_fat"], abs=25)
+    far = ~ndimage.binary_dilation(pancreas, iterations=3)  # beyond partial volume and the scanner's blur
+    np.testing.assert_allclose(lean.ct[far], fatty.ct[far], atol=3)  # the blur's tails, rounded to HU
 
 
 def test_sample_set_files_share_geometry(tmp_path):

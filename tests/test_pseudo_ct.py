@@ -53,6 +53,14 @@ def test_a_phantom_mr_rendered_as_ct_reads_as_ct_of_its_drawn_phase():
     assert {phase_of(v) for v in renderings} & {"arterial", "portal-venous", "delayed"}
 
 
+def test_pancreas_fat_reaches_the_rendered_gland_alone():
+    phantom = make_phantom(5)
+    mr = Volume(phantom.mr.astype(np.float32), phantom.label, "phantom_5_mr", (3.0, 3.0, 3.0))
+    lean, fatty = pseudo_ct_volumes(mr, 1, seed=3)[0], pseudo_ct_volumes(mr, 1, seed=3, pancreas_fat=0.6)[0]
+    assert median_inside(fatty, "pancreas") < median_inside(lean, "pancreas") - 10
+    assert median_inside(fatty, "liver") == pytest.approx(median_inside(lean, "liver"), abs=1)
+
+
 def test_a_ct_is_refused_as_the_mr_to_render():
     phantom = make_phantom(5)
     ct = Volume(phantom.ct.astype(np.float32), phantom.label, "phantom_5", (3.0, 3.0, 3.0))
@@ -87,7 +95,8 @@ def test_the_cli_trains_a_ct_model_on_renderings_of_an_mr_without_its_held_out_s
 
 def test_the_cli_refuses_pseudo_ct_for_an_mr_training_and_weights_above_one(tmp_path, capsys):
     for extra, message in ((["--modality", "mr"], "--pseudo-ct renders an MR as CT"),
-                           (["--real-weight", "0.7", "--pseudo-ct-weight", "0.4"], "must be at most 1")):
+                           (["--real-weight", "0.7", "--pseudo-ct-weight", "0.4"], "must be at most 1"),
+                           (["--pancreas-fat", "0.95"], "0.95: give a fat share from 0")):
         with pytest.raises(SystemExit):
             train.main(["--out", str(tmp_path / "run"), "--pseudo-ct", "mr.nii.gz", "label.nii.gz", "schema",
                         *extra])

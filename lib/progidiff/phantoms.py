@@ -12,9 +12,10 @@ variety a model meets on patients it never saw.  Each phantom is one procedurall
   size, pose and a smooth warp, never plain ellipsoids): liver with right, left and caudate lobes under the
   diaphragm and its hepatic and portal veins; spleen with its hilum; stomach along a J with fundus, rugae,
   fluid and a gas-fluid level; duodenal C-loop around the pancreas; pancreas head-body-tail along the
-  splenic vein; kidneys with cortex, medulla, sinus fat and pelvis; adrenal glands; gallbladder; colon with
-  haustra, stool and gas; small-bowel loops; aorta with its bifurcation, celiac, SMA and renal arteries; IVC
-  beside it behind the liver, renal veins, portal/splenic vein and SMV; bladder when the scan reaches the pelvis;
+  splenic vein (lean, or with fat between its lobules: `pancreas_fat`); kidneys with cortex, medulla, sinus
+  fat and pelvis; adrenal glands; gallbladder; colon with haustra, stool and gas; small-bowel loops; aorta
+  with its bifurcation, celiac, SMA and renal arteries; IVC beside it behind the liver, renal veins,
+  portal/splenic vein and SMV; bladder when the scan reaches the pelvis;
 - **acquisition**: a contrast phase drawn per patient (`progidiff.contrast`: non-contrast, arterial,
   portal-venous, delayed, with oral contrast sometimes), scanner noise scaled by body size, a smooth or
   sharp reconstruction kernel, slice thickness 1.5-5 mm, field of view and positioning variation;
@@ -108,6 +109,16 @@ PHANTOM_ORGANS: tuple[str, ...] = (
     "vertebrae", "colon", "small_bowel",
 )
 
+MAX_PANCREAS_FAT = 0.9  # no voxel of a gland is all fat: it would not be the organ any more
+
+
+def pancreas_fat_arg(text: str) -> float:
+    """The argparse type of `--pancreas-fat`: a share from 0 (lean glands) up to below `MAX_PANCREAS_FAT`."""
+    share = float(text)
+    if not 0 <= share < MAX_PANCREAS_FAT:
+        raise argparse.ArgumentTypeError(f"{text}: give a fat share from 0 (lean) up to below {MAX_PANCREAS_FAT}")
+    return share
+
 
 @dataclass
 class Phantom:
@@ -121,7 +132,8 @@ class Phantom:
 class Patient:
     """The draws that make one patient and one acquisition, and the tissue values they imply."""
 
-    def __init__(self, rng: np.random.Generator, phase: str | None, slice_mm: float | None):
+    def __init__(self, rng: np.random.Generator, phase: str | None, slice_mm: float | None,
+                 pancreas_fat: float = 0.0):
         self.rng = rng
         self.phase = phase or contrast.draw_phase(rng)
         self.hu = contrast.draw_tissue_hu(rng, self.phase)
@@ -143,6 +155,18 @@ class Patient:
         self.sharp_kernel = rng.random() < 0.4
         self.noise_hu = rng.uniform(6, 22) * (1 + self.fat / 60)
         self.values: dict[str, tuple[float, float]] = {}
+        # Fatty infiltration of the pancreas: the gland's mean fat share, drawn up to `pancreas_fat` (0: lean).
+        # Its own stream, so that every other draw of a seed stays what it was.
+        self._pancreas_rng = rng.spawn(1)[0]
+        self.pancreas_fat = float(self._pancreas_rng.uniform(0.0, pancreas_fat)) if pancreas_fat > 0 else 0.0
+
+    def pancreas_fat_share(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Share of fat in each voxel of a pancreas region of `shape`: the patient's mean, patchy between lobules
+        (a real gland at 3 mm, fat between its lobules, often reads near 0 HU where lean parenchyma reads 30-45)."""
+        if self.pancreas_fat == 0:
+            return np.zeros(shape, np.float32)
+        patches = smooth_field(self._pancreas_rng, shape, 0.8)
+        return np.clip(self.pancreas_fat + 0.15 * patches, 0.0, MAX_PANCREAS_FAT).astype(np.float32)
 
     def value(self, tissue: str) -> tuple[float, float]:
         """(CT HU, MR signal) of a tissue in this patient, drawn once and kept."""
@@ -429,7 +453,10 @@ def paint_solid_organs(p: Painter) -> None:
     box = canvas.box(pancreas.min(axis=0) - 20, pancreas.max(axis=0) + 20)
     x, y, z = canvas.coords(box)
     lobules = 2.5 * smooth_field(rng, x.shape, 1.0)
-    p.tissue(box, tube((x, y, z), pancreas, radii) + lobules, "pancreas", "pancreas", clip=True)
+    gland = p.tissue(box, tube((x, y, z), pancreas, radii) + lobules, "pancreas", "pancreas", clip=True)
+    fat_ct, fat_mr = p.patient.value("fat")
+    canvas.paint(box, gland * p.patient.pancreas_fat_share(gland.shape), fat_ct, fat_mr, texture=texture_of("fat"),
+                 keep_label=True)
     p.splenic_path = pancreas[2:] + np.array([0, -11, 2], np.float32)  # the splenic vein runs behind it
     # Adrenal glands: thin limbs above each kidney.
     for side, organ, centre in ((1, "adrenal_gland_right", (33, -28, 96)), (-1, "adrenal_gland_left", (-35, -24, 82))):
@@ -575,14 +602,16 @@ def acquire(canvas: Canvas, patient: Patient, rng: np.random.Generator) -> tuple
     return ct, mr
 
 
-def make_phantom(seed: int, phase: str | None = None, slice_mm: float | None = None) -> Phantom:
+def make_phantom(seed: int, phase: str | None = None, slice_mm: float | None = None,
+                 pancreas_fat: float = 0.0) -> Phantom:
     """One synthetic patient: CT, MR twin and schema label map, deterministic in `seed`.
 
-    `phase` (one of `contrast.PHASES`) and `slice_mm` fix what is otherwise drawn from the seed."""
+    `phase` (one of `contrast.PHASES`) and `slice_mm` fix what is otherwise drawn from the seed; `pancreas_fat`
+    > 0 infiltrates the pancreas with fat, its mean share drawn up to that (labels and other tissues unchanged)."""
     if phase is not None and phase not in contrast.PHASES:
         raise ValueError(f"unknown phase {phase!r}; expected one of {contrast.PHASES}")
     rng = np.random.default_rng(seed)
-    patient = Patient(rng, phase, slice_mm)
+    patient = Patient(rng, phase, slice_mm, pancreas_fat)
     # The scan covers the abdomen from above the liver's dome to below the kidneys, with margins.
     z_low, z_high = -50.0 - rng.uniform(0, 30), 140.0 + rng.uniform(0, 25)
     side = int(round(rng.uniform(340, 480) / IN_PLANE_MM))  # a square field of view, as CT reconstructs
@@ -609,7 +638,7 @@ def make_phantom(seed: int, phase: str | None = None, slice_mm: float | None = N
             "mr_sequence": patient.sequence, "slice_mm": patient.slice_mm, "scale": round(float(patient.scale.mean()), 3),
             "subcutaneous_fat_mm": round(float(patient.fat), 1), "arms_at_sides": patient.arms,
             "table": patient.table, "kernel": "sharp" if patient.sharp_kernel else "smooth",
-            "noise_hu": round(float(patient.noise_hu), 1)}
+            "noise_hu": round(float(patient.noise_hu), 1), "pancreas_fat": round(patient.pancreas_fat, 3)}
     return Phantom(
         ct=np.clip(ct, -1024, 3071).astype(np.int16),
         mr=np.clip(mr, 0, 4000).astype(np.int16),
@@ -634,13 +663,14 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def write_sample_set(out: Path, count: int, seed: int, mr_count: int, slice_mm: float | None = None,
-                     phases: list[str] | None = None) -> list[str]:
+                     phases: list[str] | None = None, pancreas_fat: float = 0.0) -> list[str]:
     """CT studies in `out/ct` (labels in `out/ct/labels/final`), MR twins in `out/mr` likewise.
-    `phases`: the contrast phase of each study in turn (default: drawn from its seed)."""
+    `phases`: the contrast phase of each study in turn (default: drawn from its seed); `pancreas_fat`: see
+    `make_phantom`."""
     names = []
     for i in range(count):
         phase = phases[i % len(phases)] if phases else None
-        phantom = make_phantom(seed + i, phase=phase, slice_mm=slice_mm)
+        phantom = make_phantom(seed + i, phase=phase, slice_mm=slice_mm, pancreas_fat=pancreas_fat)
         name = f"phantom_{seed + i:03d}"
         save_nifti(phantom.ct, phantom.affine, out / "ct" / f"{name}.nii.gz")
         save_nifti(phantom.label, phantom.affine, out / "ct" / "labels" / "final" / f"{name}.nii.gz")
@@ -664,10 +694,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slice-mm", type=float, default=None, help="slice spacing (default: drawn per phantom)")
     parser.add_argument("--phases", default="", help=f"comma list of contrast phases to cycle through ({', '.join(contrast.PHASES)}); default: drawn")
+    parser.add_argument("--pancreas-fat", type=pancreas_fat_arg, default=0.0, metavar="SHARE",
+                        help="fat between the pancreas' lobules: each patient's mean share drawn from 0 to SHARE "
+                             "(default 0: lean glands)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     phases = [s.strip() for s in args.phases.split(",") if s.strip()] or None
-    write_sample_set(args.out, args.count, args.seed, args.mr_count, args.slice_mm, phases)
+    write_sample_set(args.out, args.count, args.seed, args.mr_count, args.slice_mm, phases, args.pancreas_fat)
 
 
 if __name__ == "__main__":

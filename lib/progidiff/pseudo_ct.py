@@ -83,10 +83,12 @@ def tissue_of_labels(label: np.ndarray, mr: np.ndarray, spacing: tuple[float, fl
     return out
 
 
-def render(mr: np.ndarray, label: np.ndarray, spacing: tuple[float, float, float], seed: int) -> tuple[np.ndarray, str]:
-    """(CT-like HU of the MR `mr` [X, Y, Z] with schema `label`, the contrast phase drawn)."""
+def render(mr: np.ndarray, label: np.ndarray, spacing: tuple[float, float, float], seed: int,
+           pancreas_fat: float = 0.0) -> tuple[np.ndarray, str]:
+    """(CT-like HU of the MR `mr` [X, Y, Z] with schema `label`, the contrast phase drawn); `pancreas_fat` as
+    the phantoms' (`phantoms.make_phantom`)."""
     rng = np.random.default_rng(seed)
-    patient = Patient(rng, phase=None, slice_mm=spacing[2])
+    patient = Patient(rng, phase=None, slice_mm=spacing[2], pancreas_fat=pancreas_fat)
     body = body_mask(mr, label)
     unlabelled = body & (label == 0)
     if not unlabelled.any():
@@ -100,20 +102,23 @@ def render(mr: np.ndarray, label: np.ndarray, spacing: tuple[float, float, float
     for tissue, mask in tissue_of_labels(label, mr, spacing).items():
         hu[mask] = patient.value(tissue)[0]
         texture[mask] = texture_of(tissue)
+    pancreas = label == ORGAN_IDS["pancreas"]
+    fat_share = patient.pancreas_fat_share(mr.shape)[pancreas]
+    hu[pancreas] = hu[pancreas] * (1 - fat_share) + patient.value("fat")[0] * fat_share
     hu = ndimage.gaussian_filter(hu, (0.5, 0.5, 0.3))  # partial volume at tissue borders
     speckle = smooth_field(rng, mr.shape, (0.8, 0.8, 0.6))
     ct = scan_ct(hu, speckle * texture, patient, rng)
     return np.clip(ct, -1024, 3071).astype(np.float32), patient.phase
 
 
-def pseudo_ct_volumes(mr_volume: Volume, count: int, seed: int = 0) -> list[Volume]:
+def pseudo_ct_volumes(mr_volume: Volume, count: int, seed: int = 0, pancreas_fat: float = 0.0) -> list[Volume]:
     """`count` CT-like renderings of one labelled MR (seeds `seed`…), each a different patient draw: contrast
-    phase, tissue values, kernel and noise."""
+    phase, tissue values, kernel and noise (and the pancreas' fat share, up to `pancreas_fat`)."""
     if intensity_modality(mr_volume.image) == "CT":
         raise ValueError(f"{mr_volume.name} reads as CT in HU (air near -1000): --pseudo-ct renders a labelled MR")
     out = []
     for i in range(count):
-        image, phase = render(mr_volume.image, mr_volume.label, mr_volume.spacing, seed + i)
+        image, phase = render(mr_volume.image, mr_volume.label, mr_volume.spacing, seed + i, pancreas_fat)
         name = f"{mr_volume.name}[pseudo-CT {phase} {seed + i}]"
         out.append(dataclasses.replace(mr_volume, image=image, name=name, unenhanced_ct=False))
     return out
