@@ -4,8 +4,10 @@
 #   bash scripts/train_default_model.sh --baseline [OUT]  (its same-budget baseline; OUT defaults to runs/baseline_recipe)
 # Stage 1 trains from scratch on the phantoms and every real CT voxel (the held-out block aside). Stage 2 goes on
 # from its model for 1500 whole-model steps with a second real anatomy added: the labelled MR rendered as CT
-# (`progidiff.pseudo_ct`; its held-out slices, those the MR adapter is scored on, never rendered). Why two
-# stages: the pseudo-CT lifts the real block's pancreas as the last steps on a trained model, not from step 0.
+# (`progidiff.pseudo_ct`; its held-out slices, those the MR adapter is scored on, never rendered), and with fat
+# between the pancreas' lobules in the phantoms and renderings (`--pancreas-fat`: the real gland reads near 0 HU).
+# Why two stages: the pseudo-CT lifts the real block's pancreas as the last steps on a trained model, not from
+# step 0.
 # The time budgets (64 + 18 min of training, plus data generation) keep the whole within 90 minutes on 2 cores
 # (72 min on 2026-12-06, where both stages ended by their steps).
 # --baseline trains the deterministic MONAI UNet through the same two stages on the same data, each stage for the
@@ -19,7 +21,7 @@ data=../shared/data
 common=(--phantoms 150 --volume "$data/ct_a_full/image.nii.gz" "$data/ct_a_full/label.nii.gz" total
         --hold-out 92:100 --real-weight 0.4 --contrast-rate 0.6 --balanced-anatomy --threads 2)
 pseudo_ct=(--pseudo-ct "$data/mr_a/image.nii.gz" "$data/mr_a/label.nii.gz" total_mr --pseudo-ct-hold-out 5:10,15:20
-           --pseudo-ct-weight 0.2)
+           --pseudo-ct-weight 0.2 --pancreas-fat 0.5)
 val_organs=(--val-organs liver,spleen,kidney_left,kidney_right,stomach,pancreas,aorta,inferior_vena_cava)
 if $baseline; then
   out=${1:-runs/baseline_recipe}
