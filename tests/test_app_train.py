@@ -78,6 +78,7 @@ def test_put_label_train_publish_and_serve(server):
     stats = requests.get(f"{server.url}/info/", timeout=30).json()["train_stats"]["progidiff"]
     # Published only if the run's best epoch beat the served model on the same validation slices, by the margin.
     assert (stats["publish_margin"], stats["phantoms"], stats["contrast_rate"]) == (0.02, 8, 0.6)  # the defaults
+    assert stats["pancreas_fat"] == pytest.approx(0.5)  # the phantoms' glands as the CT recipe's last stage made them
     assert stats["published"] == (stats["best_metric"] > stats["served_val_mean_dice"] + stats["publish_margin"])
     if not stats["published"]:  # the admin's explicit way: promote the candidate
         assert weights_digest(Path(server.conf["model_path"])) == before_digest
@@ -175,6 +176,26 @@ def test_a_non_contrast_ct_study_is_also_trained_in_enhanced_phases(tmp_path):
     # Augmentation moves every sample by up to ±40 HU and ±10 %: the phases move the aorta by 100-350 HU.
     assert aorta_hu({"contrast_rate": 1.0}) > aorta_hu({"contrast_rate": 0.0}) + 60
     assert aorta_hu({}) > aorta_hu({"contrast_rate": 0.0}) + 30
+
+
+def test_the_ct_trainer_mixes_in_phantoms_with_the_recipes_fatty_pancreas(tmp_path):
+    """By default the CT task's phantoms carry fat between the pancreas' lobules, as the default model's last
+    training stage saw them: their glands read darker than the same seeds' lean ones, every label the same."""
+    trainers, settings = app_trainers(tmp_path)
+    task = trainers.ProGiDiffTrain(tmp_path / "model", tmp_path / "runs", settings)
+    study = task._load({"image": SAMPLE / "phantom_000.nii.gz",
+                        "label": SAMPLE / "labels" / "final" / "phantom_000.nii.gz"}, 3.0)
+    config = ProGiDiffModel.from_pretrained(tmp_path / "model").config
+    fatty = task.training_set([study], {**task._config, "phantoms": 2}, config).groups[0][0]
+    lean = task.training_set([study], {**task._config, "phantoms": 2, "pancreas_fat": 0.0}, config).groups[0][0]
+    assert len(fatty) == len(lean) == 2
+    for a, b in zip(fatty, lean):
+        np.testing.assert_array_equal(a.label, b.label)
+        gland = a.label == ORGAN_IDS["pancreas"]
+        assert gland.sum() > 100
+        assert np.median(a.image[gland]) < np.median(b.image[gland]) - 5
+        liver = a.label == ORGAN_IDS["liver"]
+        assert np.median(a.image[liver]) == pytest.approx(np.median(b.image[liver]), abs=1.0)
 
 
 def test_a_run_that_does_not_beat_the_served_model_leaves_it_byte_identical(tmp_path):

@@ -405,6 +405,7 @@ def test_monai_label_options_in_other_types_are_taken_as_meant(server, options):
     ("progidiff_mr_lora", {"phantoms": 100}, "'phantoms' must be an integer from 0 to 64"),
     ("progidiff", {"real_weight": 0}, "'real_weight' must be a number from 0.05 to 1"),
     ("progidiff", {"contrast_rate": 1.5}, "'contrast_rate' must be a number from 0 to 1"),
+    ("progidiff", {"pancreas_fat": 0.95}, "'pancreas_fat' must be a number from 0 to 0.89"),
     ("progidiff_mr_lora", {"publish_margin": "small"}, "'publish_margin' must be a number from 0 to 1"),
 ])
 def test_train_options_are_checked_before_a_run_starts(server, task, body, fragment):

@@ -38,6 +38,7 @@ from progidiff.data import SliceDataset, Volume, load_volume_pair, phantom_volum
 from progidiff.io_utils import atomic_file
 from progidiff.labels import ORGAN_IDS, class_map_from_label_info
 from progidiff.model import ProGiDiffConfig, ProGiDiffModel
+from progidiff.phantoms import MAX_PANCREAS_FAT
 from progidiff.pipeline import prompt_encoder_for
 from progidiff.training import DiffusionTrainer, TrainConfig, leave_process_group
 
@@ -76,6 +77,9 @@ class ProGiDiffTrain(BasicTrainTask):
                 # study's samples moved to an enhanced phase at `contrast_rate` (`training_set`).
                 "phantoms": 8,
                 "real_weight": 0.8,
+                # The CT recipe's last stage (scripts/train_default_model.sh, `--pancreas-fat 0.5`): the phantoms'
+                # pancreas with fat between its lobules, as real glands read (near 0 HU, not a lean 30-45).
+                "pancreas_fat": 0.5,
                 "contrast_rate": 0.6,
                 "publish_margin": 0.02,  # validation mean Dice an epoch must gain over the served model to replace it
                 **(config or {}),
@@ -93,6 +97,7 @@ class ProGiDiffTrain(BasicTrainTask):
         bounds = {"max_epochs": (int, 1, 10000), "learning_rate": (float, 1e-8, 1.0), "train_batch_size": (int, 1, 256),
                   "val_split": (float, 0.0, 0.9), "val_proposals": (int, 1, self.settings.max_proposals),
                   "val_steps": (int, 1, 200), "phantoms": (int, 0, 64), "real_weight": (float, 0.05, 1.0),
+                  "pancreas_fat": (float, 0.0, round(MAX_PANCREAS_FAT - 0.01, 2)),
                   "contrast_rate": (float, 0.0, 1.0), "publish_margin": (float, 0.0, 1.0)}
         return {key: bound for key, bound in bounds.items() if key in self._config}
 
@@ -228,7 +233,7 @@ class ProGiDiffTrain(BasicTrainTask):
         # An epoch shows the datastore's slices once on average, however many phantoms are mixed in.
         real_slices, real_weight = len(train_set.slices[-1]), groups[-1][1]
         context.mix = {"phantoms": len(groups[0][0]) if len(groups) > 1 else 0, "real_weight": real_weight,
-                       "contrast_rate": train_set.contrast_rate,
+                       "pancreas_fat": float(request["pancreas_fat"]), "contrast_rate": train_set.contrast_rate,
                        "unenhanced_ct_studies": sum(v.unenhanced_ct for v in train_volumes)}
         steps_per_epoch = max(1, math.ceil(real_slices / (batch * real_weight)))
         epochs = int(request["max_epochs"])
@@ -266,23 +271,27 @@ class ProGiDiffTrain(BasicTrainTask):
         A non-contrast CT study (`Volume.unenhanced_ct`; MR never is) has `contrast_rate` of its samples moved to
         an enhanced phase, as the default model's recipe moves its real CT (`--contrast-rate`): trained on
         non-contrast studies alone, the model would forget that organs and vessels can be bright."""
-        groups = self.training_groups(volumes, int(request["phantoms"]), float(request["real_weight"]))
+        groups = self.training_groups(volumes, int(request["phantoms"]), float(request["real_weight"]),
+                                      float(request["pancreas_fat"]))
         return SliceDataset(groups, config.image_size, list(config.organs) or list(ORGAN_IDS), seed=0,
                             bias_field=self.bias_field, contrast_rate=float(request.get("contrast_rate", 0.0)),
                             context_slices=config.context_slices)
 
-    def training_groups(self, volumes: list[Volume], phantoms: int, real_weight: float
+    def training_groups(self, volumes: list[Volume], phantoms: int, real_weight: float, pancreas_fat: float = 0.0
                         ) -> list[tuple[list[Volume], float]]:
         """(volumes, share of the samples) to train on: the datastore's labelled volumes last, and before them,
         when `phantoms` > 0 and `real_weight` < 1, that many procedural patients of this task's modality, as the
         shipped models' recipes mix them (model/README.md): a few labelled studies show a few levels and one
-        body; phantoms show every level and keep organs they lack in their adult size ranges."""
+        body; phantoms show every level and keep organs they lack in their adult size ranges. `pancreas_fat`: the
+        phantoms' glands draw a fat share up to it (`progidiff.phantoms.make_phantom`; 0: lean)."""
         if not phantoms or real_weight >= 1.0:
             return [(volumes, 1.0)]
         start = time.time()
-        synthetic = [self.prepared(v) for v in phantom_volumes(phantoms, PHANTOM_SEED, self.modality.lower())]
-        logger.info("%d %s phantoms (seeds %d-%d) at %.0f %% of the samples (%.0f s)", phantoms, self.modality,
-                    PHANTOM_SEED, PHANTOM_SEED + phantoms - 1, 100 * (1 - real_weight), time.time() - start)
+        synthetic = [self.prepared(v) for v in phantom_volumes(phantoms, PHANTOM_SEED, self.modality.lower(),
+                                                               pancreas_fat=pancreas_fat)]
+        logger.info("%d %s phantoms (seeds %d-%d, pancreas fat up to %g) at %.0f %% of the samples (%.0f s)",
+                    phantoms, self.modality, PHANTOM_SEED, PHANTOM_SEED + phantoms - 1, pancreas_fat,
+                    100 * (1 - real_weight), time.time() - start)
         return [(synthetic, 1.0 - real_weight), (volumes, real_weight)]
 
     def prepared(self, volume: Volume) -> Volume:
