@@ -78,7 +78,7 @@ def test_put_label_train_publish_and_serve(server):
     stats = requests.get(f"{server.url}/info/", timeout=30).json()["train_stats"]["progidiff"]
     # Published only if the run's best epoch beat the served model on the same validation slices, by the margin.
     assert (stats["publish_margin"], stats["phantoms"], stats["contrast_rate"]) == (0.02, 8, 0.6)  # the defaults
-    assert stats["pancreas_fat"] == pytest.approx(0.5)  # the phantoms' glands as the CT recipe's last stage made them
+    assert stats["pancreas_fat"] == 0  # lean phantom glands unless asked
     assert stats["published"] == (stats["best_metric"] > stats["served_val_mean_dice"] + stats["publish_margin"])
     if not stats["published"]:  # the admin's explicit way: promote the candidate
         assert weights_digest(Path(server.conf["model_path"])) == before_digest
@@ -178,16 +178,16 @@ def test_a_non_contrast_ct_study_is_also_trained_in_enhanced_phases(tmp_path):
     assert aorta_hu({}) > aorta_hu({"contrast_rate": 0.0}) + 30
 
 
-def test_the_ct_trainer_mixes_in_phantoms_with_the_recipes_fatty_pancreas(tmp_path):
-    """By default the CT task's phantoms carry fat between the pancreas' lobules, as the default model's last
-    training stage saw them: their glands read darker than the same seeds' lean ones, every label the same."""
+def test_pancreas_fat_gives_the_ct_trainers_phantoms_fatty_glands(tmp_path):
+    """`pancreas_fat` gives the phantoms mixed into a run fat between the pancreas' lobules, as the default model's
+    last training stage saw them: their glands read darker than the default's lean ones, every label the same."""
     trainers, settings = app_trainers(tmp_path)
     task = trainers.ProGiDiffTrain(tmp_path / "model", tmp_path / "runs", settings)
     study = task._load({"image": SAMPLE / "phantom_000.nii.gz",
                         "label": SAMPLE / "labels" / "final" / "phantom_000.nii.gz"}, 3.0)
     config = ProGiDiffModel.from_pretrained(tmp_path / "model").config
-    fatty = task.training_set([study], {**task._config, "phantoms": 2}, config).groups[0][0]
-    lean = task.training_set([study], {**task._config, "phantoms": 2, "pancreas_fat": 0.0}, config).groups[0][0]
+    fatty = task.training_set([study], {**task._config, "phantoms": 2, "pancreas_fat": 0.5}, config).groups[0][0]
+    lean = task.training_set([study], {**task._config, "phantoms": 2}, config).groups[0][0]
     assert len(fatty) == len(lean) == 2
     for a, b in zip(fatty, lean):
         np.testing.assert_array_equal(a.label, b.label)

@@ -77,9 +77,9 @@ class ProGiDiffTrain(BasicTrainTask):
                 # study's samples moved to an enhanced phase at `contrast_rate` (`training_set`).
                 "phantoms": 8,
                 "real_weight": 0.8,
-                # The CT recipe's last stage (scripts/train_default_model.sh, `--pancreas-fat 0.5`): the phantoms'
-                # pancreas with fat between its lobules, as real glands read (near 0 HU, not a lean 30-45).
-                "pancreas_fat": 0.5,
+                # Lean phantom glands: the CT recipe's last stage gives them fat (`--pancreas-fat 0.5`), but in
+                # fine-tuning from one study that lost more than it kept (bench/app_ct_training.py, bench/README.md).
+                "pancreas_fat": 0.0,
                 "contrast_rate": 0.6,
                 "publish_margin": 0.02,  # validation mean Dice an epoch must gain over the served model to replace it
                 **(config or {}),

@@ -43,9 +43,8 @@ class ProGiDiffLoraTrain(ProGiDiffTrain):
             publish_path=Path(adapters_path) / modality.lower(),
             # One labelled study is a few dozen slices: 20 epochs were 40 steps and left the adapter unusable
             # (bench/app_mr_training.py); 300 with 8 MR phantoms are 900 steps (≈ 21 min on 2 CPU cores).
-            # Its phantoms' glands lean, as the shipped adapter's recipe made them (model/README.md).
             config={"max_epochs": 300, "learning_rate": 1e-3, "rank": 8, "alpha": 8.0, "dropout": 0.0,
-                    "base_attention": False, "pancreas_fat": 0.0},
+                    "base_attention": False},
             description=f"Few-shot LoRA adaptation of the ProGiDiff model to {modality} (model frozen)",
         )
         self._config.pop("contrast_rate")  # moves non-contrast CT only: not an option of the MR task
