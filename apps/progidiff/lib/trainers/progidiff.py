@@ -77,8 +77,8 @@ class ProGiDiffTrain(BasicTrainTask):
                 # study's samples moved to an enhanced phase at `contrast_rate` (`training_set`).
                 "phantoms": 8,
                 "real_weight": 0.8,
-                # Lean phantom glands: the CT recipe's last stage gives them fat (`--pancreas-fat 0.5`), but in
-                # fine-tuning from one study that lost more than it kept (bench/app_ct_training.py, bench/README.md).
+                # Lean phantom glands: the CT recipe's last stage gives them fat (`--pancreas-fat 0.5`), which in
+                # fine-tuning from one study was no better (bench/README.md, "Fatty phantom glands in fine-tuning").
                 "pancreas_fat": 0.0,
                 "contrast_rate": 0.6,
                 "publish_margin": 0.02,  # validation mean Dice an epoch must gain over the served model to replace it
