@@ -75,6 +75,28 @@ def test_simulating_a_phase_moves_organs_and_keeps_the_rest(unenhanced):
     assert contrast.simulate_phase(image, p.label, ORGAN_IDS, "non-contrast", np.random.default_rng(0)) is image
 
 
+@pytest.fixture(scope="module")
+def fatty():
+    """A non-contrast phantom whose pancreas carries fat between its lobules (mean share 0.71)."""
+    p = make_phantom(25, phase="non-contrast", slice_mm=5.0, pancreas_fat=0.8)
+    assert p.meta["pancreas_fat"] > 0.6
+    return p
+
+
+def test_fat_in_a_gland_does_not_enhance(unenhanced, fatty):
+    """A fatty gland rises by its parenchyma's share of what a lean gland rises: the real CT's pancreas (≈ 0 HU)
+    must not turn uniformly bright in a simulated phase."""
+
+    def rise(p) -> float:
+        gland = p.label == ORGAN_IDS["pancreas"]
+        moved = contrast.simulate_phase(p.ct.astype(np.float32), p.label, ORGAN_IDS, "arterial", np.random.default_rng(0))
+        return float(np.median(moved[gland]) - np.median(p.ct[gland]))
+
+    lean_rise, fatty_rise = rise(unenhanced), rise(fatty)
+    assert lean_rise > 50
+    assert 0.2 * lean_rise < fatty_rise < 0.6 * lean_rise
+
+
 def test_the_arterial_phase_shows_the_renal_cortex(unenhanced):
     p = unenhanced
     moved = contrast.simulate_phase(p.ct.astype(np.float32), p.label, ORGAN_IDS, "arterial", np.random.default_rng(1))
@@ -100,3 +122,19 @@ def test_the_dataset_moves_unenhanced_slices_to_enhanced_phases(unenhanced):
 
     assert max(aorta_hu(0.0)) < 80
     assert min(aorta_hu(1.0)) > 90  # every enhanced phase has a bright aorta
+
+
+def test_the_dataset_enhances_fat_only_when_asked(fatty):
+    """The recipe's runs choose: `fat_aware_contrast` (train --fat-aware-contrast) or every voxel alike."""
+    gland = fatty.label == ORGAN_IDS["pancreas"]
+    z = int(np.argmax(gland.sum(axis=(0, 1))))
+    volume = Volume(fatty.ct[..., z : z + 1].astype(np.float32), fatty.label[..., z : z + 1], "fatty", (3.0, 3.0, 5.0),
+                    unenhanced_ct=True)
+
+    def gland_hu(fat_aware: bool) -> float:
+        data = SliceDataset([([volume], 1.0)], 128, ["pancreas"], negative_rate=0.0, augment=False,
+                            contrast_rate=1.0, seed=3, fat_aware_contrast=fat_aware)
+        items = [data[i] for i in range(6)]
+        return float(np.mean([item["image"][item["label"] == ORGAN_IDS["pancreas"]].median() for item in items]))
+
+    assert gland_hu(True) < gland_hu(False) - 30

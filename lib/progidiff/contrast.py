@@ -57,6 +57,7 @@ ORGAN_TISSUE: dict[str, str] = {
 }
 KIDNEYS = ("kidney_left", "kidney_right")
 UNENHANCED_AORTA_HU = 80.0  # a study whose aorta reads below this is non-contrast
+FAT_HU = -100.0  # fat does not enhance: what a labelled voxel holds of it stays as it reads
 
 
 def draw_phase(rng: np.random.Generator, contrast_share: float = 0.75) -> str:
@@ -95,11 +96,18 @@ def simulate_phase(
     phase: str,
     rng: np.random.Generator,
     pixel_mm: float = 3.0,
+    spare_fat: bool = True,
 ) -> np.ndarray:
     """A real non-contrast CT slice (or volume) in HU as if acquired in `phase`.
 
-    Each labelled organ is shifted to its drawn phase value (`target − its median here`), over a mask blurred
-    by half a pixel so that its border keeps a partial-volume ramp; the slice's own texture and noise stay.
+    Each labelled organ's parenchyma is moved to its drawn phase value, over a mask blurred by half a pixel so
+    that its border keeps a partial-volume ramp; the slice's own texture and noise stay.  Fat does not enhance:
+    a voxel darker than the tissue's lean non-contrast value (its table low, or the organ's median if brighter)
+    is read as a mix of parenchyma and fat (`FAT_HU`; from the organ's own voxels around it, `organ_mean`) and
+    only its parenchyma share is enhanced, so a gland with fat between its lobules (the real pancreas reads near 0 HU) stays
+    heterogeneous instead of turning uniformly bright.  `spare_fat=False` moves each organ's voxels alike, its
+    median to the drawn value (how the default model's recipe simulated phases: `progidiff.train
+    --fat-aware-contrast` says which a run used).
     Kidneys get a cortex (the outer 5 mm) and medulla of their own, so the arterial phase shows the
     corticomedullary pattern, and in the delayed phase their innermost part (the collecting system) fills.
     Tissues without a label (muscle, unlabelled vessels) are left as they are.
@@ -108,16 +116,22 @@ def simulate_phase(
         return image
     values = draw_tissue_hu(rng, phase)
     out = image.astype(np.float32, copy=True)
+    unenhanced = PHASES.index(PHASES[0])
 
-    def shift(mask: np.ndarray, target: float) -> None:
+    def enhance(mask: np.ndarray, tissue: str) -> None:
         if mask.sum() < 3:
             return
         soft = ndimage.gaussian_filter(mask.astype(np.float32), 0.5)
-        out[...] += (target - float(np.median(image[mask]))) * soft
+        if not spare_fat:
+            out[...] += (values[tissue] - float(np.median(image[mask]))) * soft
+            return
+        lean = max(float(np.median(image[mask])), TISSUE_HU[tissue][unenhanced][0])
+        parenchyma = np.clip((organ_mean(image, mask) - FAT_HU) / (lean - FAT_HU), 0.0, 1.0)
+        out[...] += (values[tissue] - lean) * soft * parenchyma
 
     for organ, tissue in ORGAN_TISSUE.items():
         if organ in organ_ids:
-            shift(label == organ_ids[organ], values[tissue])
+            enhance(label == organ_ids[organ], tissue)
     sampling = (pixel_mm,) * image.ndim
     for organ in KIDNEYS:
         if organ not in organ_ids:
@@ -128,10 +142,18 @@ def simulate_phase(
         cortex, medulla, pelvis = kidney_parts(kidney, sampling)
         if phase != "delayed":  # the collecting system only shows once it fills
             medulla, pelvis = medulla | pelvis, np.zeros_like(pelvis)
-        shift(cortex, values["kidney_cortex"])
-        shift(medulla, values["kidney_medulla"])
-        shift(pelvis, values["renal_pelvis"])
+        enhance(cortex, "kidney_cortex")
+        enhance(medulla, "kidney_medulla")
+        enhance(pelvis, "renal_pelvis")
     return out
+
+
+def organ_mean(image: np.ndarray, mask: np.ndarray, sigma: float = 2.0) -> np.ndarray:
+    """`image` smoothed over the voxels of `mask` only (normalised convolution): a voxel's fat share read without
+    its noise and without the tissue around the organ; outside the mask, its nearest voxels' mean."""
+    weight = ndimage.gaussian_filter(mask.astype(np.float32), sigma)
+    total = ndimage.gaussian_filter(np.where(mask, image, 0.0).astype(np.float32), sigma)
+    return np.where(weight > 1e-3, total / np.maximum(weight, 1e-3), float(np.median(image[mask])))
 
 
 def kidney_parts(kidney: np.ndarray, sampling: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -156,12 +156,15 @@ class SliceDataset(torch.utils.data.Dataset):
         bias_field: bool = False,
         contrast_rate: float = 0.0,
         context_slices: int = 0,
+        fat_aware_contrast: bool = False,
     ):
-        """`contrast_rate`: share of the samples from `unenhanced_ct` volumes moved to an enhanced phase.
+        """`contrast_rate`: share of the samples from `unenhanced_ct` volumes moved to an enhanced phase;
+        `fat_aware_contrast`: fat in their organs stays as it reads (`contrast.simulate_phase(spare_fat=)`).
         `context_slices`: neighbours each side stacked with the slice as channels (2.5D, `volume.axial_slices`)."""
         self.context_slices = context_slices
         self.groups = [(volumes, weight) for volumes, weight in groups if volumes]
         self.contrast_rate = contrast_rate
+        self.fat_aware_contrast = fat_aware_contrast
         self.image_size = image_size
         self.organs = organs
         self.negative_rate = negative_rate
@@ -197,7 +200,8 @@ class SliceDataset(torch.utils.data.Dataset):
             phase = self.rng.choice(contrast.PHASES[1:])
             seed = self.rng.getrandbits(32)  # one draw of the phase's HU for the slice and its neighbours
             images = [contrast.simulate_phase(image, volume.label[:, :, i], ORGAN_IDS, phase,
-                                              np.random.default_rng(seed), volume.spacing[0])
+                                              np.random.default_rng(seed), volume.spacing[0],
+                                              spare_fat=self.fat_aware_contrast)
                       for image, i in zip(images, stack)]
         image = torch.from_numpy(np.ascontiguousarray(np.stack(images), dtype=np.float32)[None])
         label = torch.from_numpy(volume.label[None, None, :, :, z].astype(np.float32))

@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contrast-rate", type=float, default=0.0,
                    help="share of the samples from a real non-contrast CT --volume moved to a random contrast "
                         "phase (progidiff.contrast); 0: as scanned")
+    p.add_argument("--fat-aware-contrast", action="store_true",
+                   help="in those phases enhance only the parenchyma of each organ's voxels, fat staying as it "
+                        "reads (the real pancreas with fat between its lobules); without it every voxel of an "
+                        "organ moves alike, as the default model's recipe has it")
     p.add_argument("--organs", default="", help="comma list of schema organs (default: all)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from this model folder (with --baseline, a baseline model folder)")
@@ -282,7 +286,8 @@ def fit_and_save(args: argparse.Namespace, argv: list[str] | None, organs: list[
     config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
     groups = data.sample_groups(args.real_weight, args.pseudo_ct_weight)
     train_set = SliceDataset(groups, args.image_size, organs, seed=config.seed, bias_field=args.modality != "ct",
-                             contrast_rate=args.contrast_rate, context_slices=args.context_slices)
+                             contrast_rate=args.contrast_rate, context_slices=args.context_slices,
+                             fat_aware_contrast=args.fat_aware_contrast)
     trainer = build_trainer(args, organs, (train_set, data.validation, config, args.out), device)
     trainer.resume()
     first_step, fit_started = trainer.step, time.time()
