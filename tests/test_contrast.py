@@ -89,7 +89,8 @@ def test_fat_in_a_gland_does_not_enhance(unenhanced, fatty):
 
     def rise(p) -> float:
         gland = p.label == ORGAN_IDS["pancreas"]
-        moved = contrast.simulate_phase(p.ct.astype(np.float32), p.label, ORGAN_IDS, "arterial", np.random.default_rng(0))
+        moved = contrast.simulate_phase(p.ct.astype(np.float32), p.label, ORGAN_IDS, "arterial",
+                                        np.random.default_rng(0))
         return float(np.median(moved[gland]) - np.median(p.ct[gland]))
 
     lean_rise, fatty_rise = rise(unenhanced), rise(fatty)

@@ -104,10 +104,10 @@ def simulate_phase(
     that its border keeps a partial-volume ramp; the slice's own texture and noise stay.  Fat does not enhance:
     a voxel darker than the tissue's lean non-contrast value (its table low, or the organ's median if brighter)
     is read as a mix of parenchyma and fat (`FAT_HU`; from the organ's own voxels around it, `organ_mean`) and
-    only its parenchyma share is enhanced, so a gland with fat between its lobules (the real pancreas reads near 0 HU) stays
-    heterogeneous instead of turning uniformly bright.  `spare_fat=False` moves each organ's voxels alike, its
-    median to the drawn value (how the default model's recipe simulated phases: `progidiff.train
-    --fat-aware-contrast` says which a run used).
+    only its parenchyma share is enhanced, so a gland with fat between its lobules (the real pancreas reads near
+    0 HU) stays heterogeneous instead of turning uniformly bright.  `spare_fat=False` moves each organ's voxels
+    alike, its median to the drawn value (how the default model's recipe trains; `progidiff.train
+    --fat-aware-contrast` chooses for a run).
     Kidneys get a cortex (the outer 5 mm) and medulla of their own, so the arterial phase shows the
     corticomedullary pattern, and in the delayed phase their innermost part (the collecting system) fills.
     Tissues without a label (muscle, unlabelled vessels) are left as they are.
