@@ -143,6 +143,17 @@ def test_bad_requests_get_400_with_what_is_accepted(server, params, fragment):
     assert fragment in response.json()["detail"]
 
 
+def test_a_request_may_ask_only_for_the_device_the_server_runs_on(server):
+    """MONAI Label's `device` option: /info lists the server's one device (Slicer sends it back); another is a 400,
+    not silently ignored."""
+    listed = requests.get(f"{server.url}/info/", timeout=30).json()["models"]["progidiff"]["config"]["device"]
+    assert len(listed) == 1
+    assert infer(server, {"prompt": "liver", "device": listed[0]}, output="json").status_code == 200
+    response = infer(server, {"prompt": "liver", "device": "tpu"}, output="json")
+    assert response.status_code == 400, response.text
+    assert f"this server runs on {listed[0]}" in response.json()["detail"]
+
+
 def test_unknown_prompt_lists_known_organs(server):
     detail = infer(server, {"prompt": "brain tumour"}, output="json").json()["detail"]
     assert all(organ in detail for organ in ("liver", "spleen", "kidney_left"))

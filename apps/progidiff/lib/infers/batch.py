@@ -6,8 +6,8 @@ the returned label saved as `label_tag`, by default `original`), with the infer 
 same model version with the same organs, seed, steps and number of proposals is skipped (`"force": true`
 redoes it), so a run that was stopped or killed picks up where it was. The saved label keeps each organ's
 schema value (`label_values` "model"): a batch has no viewer to renumber for. MONAI Label's task spreads
-images over GPUs (`multi_gpu`, `gpus`); on a machine without one it would divide by zero choosing a device,
-so there it runs on the CPU.
+images over GPUs (`multi_gpu`, `gpus`; on a machine without one it would divide by zero choosing a device);
+this app keeps one model copy, on the server's device (conf `device`), so a batch runs there.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 from monailabel.utils.others.generic import strtobool
@@ -32,8 +31,7 @@ class ProGiDiffBatchInfer(BatchInferTask):
 
     def __call__(self, request: dict, datastore: Datastore, infer: Callable) -> dict:
         request = {"label_values": "model", **request}
-        if not torch.cuda.is_available():
-            request.update(multi_gpu=False, device="cpu")
+        request.update(multi_gpu=False, device=str(self.infer.settings.torch_device()))
         every = sorted(super().get_images(request, datastore))
         results = super().__call__(request, datastore, infer)
         skipped = [i for i in every if i not in results]

@@ -6,8 +6,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from fastapi import HTTPException
-from monailabel.utils.others.generic import strtobool
+from monailabel.utils.others.generic import name_to_device, strtobool
 
 from lib.datastore import SAFE_NAME
 from progidiff.prompts import UnknownPromptError, parse_prompt
@@ -121,6 +122,25 @@ def monai_label_options(data: dict[str, Any]) -> dict[str, Any]:
         raise bad_request("'skip_writer' is not supported: this app always returns its answer as a label file")
     return {"logging": (level or "INFO").upper(), "result_compress": _flag(data, "result_compress", False),
             "skip_writer": False}
+
+
+def check_device(data: dict[str, Any], server_device: torch.device) -> None:
+    """A request's `device`, MONAI Label's option (3D Slicer sends back the one `/info` lists), must be the
+    server's: the app keeps one model copy, on conf `device`.  Names map as MONAI Label maps them (a GPU's name
+    to its `cuda:i`; `cuda` on a machine without one to `cpu`).  Another device gets a 400 rather than being
+    silently ignored."""
+    asked = data.get("device")
+    if isinstance(asked, list) and len(asked) == 1:  # the option as /info lists it, echoed back
+        asked = asked[0]
+    if asked in (None, ""):
+        return
+    try:
+        wanted = torch.device(name_to_device(asked)) if isinstance(asked, str) else None
+    except RuntimeError:  # not a device torch knows
+        wanted = None
+    if wanted is None or (wanted.type, wanted.index or 0) != (server_device.type, server_device.index or 0):
+        raise bad_request(f"'device' {asked!r}: this server runs on {server_device} (its conf 'device'); "
+                          f"leave 'device' out or give '{server_device}'"[:300])
 
 
 def parse_params(

@@ -36,7 +36,7 @@ from monailabel.transform.writer import Writer
 
 from lib.datastore import ACCEPTED_FILES, FLOAT_MAPS, check_header
 from lib.dicomweb import CONTENT_DESCRIPTION, MACHINE_SERIES, SERIES_DESCRIPTION
-from lib.infers.params import InferParams, bad_request, monai_label_options, parse_params
+from lib.infers.params import InferParams, bad_request, check_device, monai_label_options, parse_params
 from progidiff import lora
 from progidiff.intensity import PercentileNormalisation
 from progidiff.io_utils import published_folders, recover_directories, recover_directory
@@ -167,6 +167,9 @@ class ProGiDiffInfer(BasicInferTask):
         self.model_dir = Path(model_dir)
         self.settings = settings
         self.datastore = datastore
+        # MONAI Label lists every device here and loads a network per requested one; this app keeps one model copy
+        # on conf `device`, so it lists that one (and `check_device` refuses another).
+        self._config["device"] = [str(settings.torch_device())]
         self.adapters_dir = Path(settings.adapters_path)
         self._lock = threading.Lock()
         self._sampling_lock = threading.Lock()
@@ -273,6 +276,7 @@ class ProGiDiffInfer(BasicInferTask):
     # ---- MONAI Label flow ----------------------------------------------------------------------
     def __call__(self, request, callbacks=None):
         # Check the request before loading anything, and answer 400 with what is accepted.
+        check_device(request, self.settings.torch_device())
         served = self.served()
         request = {**request, **monai_label_options({**self._config, **request}), SERVED_MODEL: served}
         params = self.checked_params(request, served)
