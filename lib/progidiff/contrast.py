@@ -116,7 +116,6 @@ def simulate_phase(
         return image
     values = draw_tissue_hu(rng, phase)
     out = image.astype(np.float32, copy=True)
-    unenhanced = PHASES.index(PHASES[0])
 
     def enhance(mask: np.ndarray, tissue: str) -> None:
         if mask.sum() < 3:
@@ -125,7 +124,7 @@ def simulate_phase(
         if not spare_fat:
             out[...] += (values[tissue] - float(np.median(image[mask]))) * soft
             return
-        lean = max(float(np.median(image[mask])), TISSUE_HU[tissue][unenhanced][0])
+        lean = max(float(np.median(image[mask])), TISSUE_HU[tissue][0][0])  # [0]: non-contrast, its low
         parenchyma = np.clip((organ_mean(image, mask) - FAT_HU) / (lean - FAT_HU), 0.0, 1.0)
         out[...] += (values[tissue] - lean) * soft * parenchyma
 
@@ -150,10 +149,11 @@ def simulate_phase(
 
 def organ_mean(image: np.ndarray, mask: np.ndarray, sigma: float = 2.0) -> np.ndarray:
     """`image` smoothed over the voxels of `mask` only (normalised convolution): a voxel's fat share read without
-    its noise and without the tissue around the organ; outside the mask, its nearest voxels' mean."""
+    its noise and without the tissue around the organ; just outside the mask, its nearest voxels' mean (0 farther
+    out, where the organ's blurred mask is 0 too)."""
     weight = ndimage.gaussian_filter(mask.astype(np.float32), sigma)
     total = ndimage.gaussian_filter(np.where(mask, image, 0.0).astype(np.float32), sigma)
-    return np.where(weight > 1e-3, total / np.maximum(weight, 1e-3), float(np.median(image[mask])))
+    return np.divide(total, weight, out=np.zeros_like(total), where=weight > 1e-3)
 
 
 def kidney_parts(kidney: np.ndarray, sampling: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
