@@ -11,18 +11,23 @@ Levers (the model is not retrained for any of them):
   normalisation that makes contrast phases alike;
 - `z_smooth`: 3D consistency across slices without a retrained model: each proposal's probability map is averaged
   with its neighbouring slices' (weights 1/4, 1/2, 1/4 along z, the end slices repeated), so an organ that one
-  slice misses and its neighbours find is filled in and a one-slice false positive fades.
+  slice misses and its neighbours find is filled in and a one-slice false positive fades;
+- `zoom`: test-time scale, for a patient larger or smaller in the field of view than the training CT.  The model
+  squares and resizes every slice to its image size, so a scale is a change of field of view: the scan padded
+  with air by 1/0.9 (the anatomy drawn 0.9×) and cropped to its central 1/1.1 (drawn 1.1×; outside the crop the
+  plain answer stands), each answer taken back to the scan's grid and averaged with the plain one.
 Cases: the held-out block of the real CT (as scanned, and moved to the portal-venous and arterial phases by
 `evaluate --simulate-phase`'s rule) and fresh portal-venous and arterial phantoms (the 12 slices around the
 pancreas).  Consensus Dice per organ (N proposals, `--steps` steps: by default the served 5 and 1) and seconds.
-2.5D input (neighbouring slices as channels) needs a model trained on it and is not measured here; `z_smooth` is the
-part of that consistency that inference alone can give.
+2.5D input (neighbouring slices as channels) needs a model trained on it: the served model reads it (`context_slices`
+1), so every row has it; `z_smooth` is what inference alone adds on top.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -69,10 +74,27 @@ def segment(predictor: Predictor, image: np.ndarray, lever: str, args: argparse.
         return plain
     if lever == "z_smooth":
         return VolumeProposals(ORGANS, smoothed_along_z(plain.probabilities), 0, args.steps, plain.seconds, plain.spread)
+    if lever == "zoom":
+        return zoomed(run, image, plain, args.steps)
     mirrored = run(image[::-1], [MIRRORED.get(o, o) for o in ORGANS])
     back = mirrored.probabilities.flip(2)  # [N, P, X, Y, Z]: x mirrored back
     averaged = ((plain.probabilities.float() + back.float()) / 2).to(torch.float16)
     return VolumeProposals(ORGANS, averaged, 0, args.steps, plain.seconds + mirrored.seconds, plain.spread)
+
+
+def zoomed(run, image: np.ndarray, plain: VolumeProposals, steps: int) -> VolumeProposals:
+    """Plain, 0.9× and 1.1× answers averaged: the field of view widened with air, then narrowed to the centre."""
+    x, y = image.shape[:2]
+    px, py = round(x * (1 / 0.9 - 1) / 2), round(y * (1 / 0.9 - 1) / 2)
+    padded = np.pad(image, ((px, px), (py, py), (0, 0)), constant_values=float(image.min()))
+    smaller = run(padded, ORGANS)
+    cx, cy = round(x * (1 - 1 / 1.1) / 2), round(y * (1 - 1 / 1.1) / 2)
+    larger = run(image[cx : x - cx, cy : y - cy], ORGANS)
+    wide = plain.probabilities.float().clone()
+    wide[:, :, cx : x - cx, cy : y - cy] = larger.probabilities.float()
+    averaged = (plain.probabilities.float() + smaller.probabilities.float()[:, :, px : px + x, py : py + y] + wide) / 3
+    seconds = plain.seconds + smaller.seconds + larger.seconds
+    return VolumeProposals(ORGANS, averaged.to(torch.float16), 0, steps, seconds, plain.spread)
 
 
 def smoothed_along_z(probabilities: torch.Tensor) -> torch.Tensor:
@@ -93,7 +115,7 @@ def main() -> None:
     predictor = Predictor(args.model, screen_threshold=DEFAULT_SCREEN_THRESHOLD)
     results = []
     for name, image, label, spacing in cases():
-        for lever in ("none", "flip", "hu_clip", "z_smooth"):
+        for lever in ("none", "flip", "hu_clip", "z_smooth", "zoom"):
             started = time.time()
             proposals = segment(predictor, image, lever, args)
             scores = score_proposals(proposals, label, spacing)
@@ -101,7 +123,8 @@ def main() -> None:
                             "dice": {o: s["dice_consensus"] for o, s in scores.items()}})
             print(name, lever, results[-1]["seconds"], json.dumps(results[-1]["dice"]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": "python bench/levers.py", "model": str(args.model),
+    command = " ".join(["python bench/levers.py", *sys.argv[1:]])
+    args.out.write_text(json.dumps({"command": command, "model": str(args.model),
                                     "proposals": args.proposals, "steps": args.steps, "results": results}, indent=2))
     print("| case | lever | s | " + " | ".join(ORGANS) + " | mean |")
     print("|---|---|---|" + "---|" * (len(ORGANS) + 1))
