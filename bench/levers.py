@@ -29,6 +29,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,8 @@ def segment(predictor: Predictor, image: np.ndarray, lever: str, args: argparse.
     return VolumeProposals(ORGANS, averaged, 0, args.steps, plain.seconds + mirrored.seconds, plain.spread)
 
 
-def zoomed(run, image: np.ndarray, plain: VolumeProposals, steps: int) -> VolumeProposals:
+def zoomed(run: Callable[[np.ndarray, list[str]], VolumeProposals], image: np.ndarray, plain: VolumeProposals,
+           steps: int) -> VolumeProposals:
     """Plain, 0.9× and 1.1× answers averaged: the field of view widened with air, then narrowed to the centre."""
     x, y = image.shape[:2]
     px, py = round(x * (1 / 0.9 - 1) / 2), round(y * (1 / 0.9 - 1) / 2)
