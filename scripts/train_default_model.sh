@@ -12,8 +12,11 @@
 # step 0.
 # The time budgets (64 + 18 min of training, plus data generation) keep the whole within 90 minutes on 2 cores
 # (72 min on 2026-12-06, where both stages ended by their steps).
-# --baseline trains the deterministic MONAI UNet through the same two stages on the same data, each stage for the
-# training minutes the diffusion model's took on 2026-12-06 (52.0 and 14.5): the same-budget baseline.
+# --baseline trains the deterministic MONAI UNet through the same two stages on the same data: the same-budget
+# baseline. Its budget is the steps it made on 2 cores in the training minutes the diffusion model's stages took
+# there (16191 in 52.0 and 3729 in 14.5, 2026-12-06: the committed baseline), so that a faster machine or a GPU
+# makes the same baseline instead of a longer-trained one; on a slower day the minutes end it first, as they do
+# the diffusion model's stages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 baseline=false
@@ -33,8 +36,8 @@ pseudo_ct=(--pseudo-ct "$data/mr_a/image.nii.gz" "$data/mr_a/label.nii.gz" total
 val_organs=(--val-organs liver,spleen,kidney_left,kidney_right,stomach,pancreas,aorta,inferior_vena_cava)
 if $baseline; then
   out=${out_arg:-runs/baseline_recipe}
-  stage1=(--baseline --max-steps 1000000 --max-minutes 52 --val-every 2000 "${val_organs[@]}")
-  stage2=(--baseline --max-steps 1000000 --max-minutes 14.5 --val-every 100000)
+  stage1=(--baseline --max-steps 16191 --max-minutes 52 --val-every 2000 "${val_organs[@]}")
+  stage2=(--baseline --max-steps 3729 --max-minutes 14.5 --val-every 100000)
 else
   out=${out_arg:-runs/recipe}
   stage1=(--context-slices 1 --encoder-steps 6000 --max-steps 9000 --max-minutes 64 --encoder-minutes 32
