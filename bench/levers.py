@@ -92,9 +92,10 @@ def zoomed(run: Callable[[np.ndarray, list[str]], VolumeProposals], image: np.nd
     smaller = run(padded, ORGANS)
     cx, cy = round(x * (1 - 1 / 1.1) / 2), round(y * (1 - 1 / 1.1) / 2)
     larger = run(image[cx : x - cx, cy : y - cy], ORGANS)
-    wide = plain.probabilities.float().clone()
+    plain_p = plain.probabilities.float()
+    wide = plain_p.clone()
     wide[:, :, cx : x - cx, cy : y - cy] = larger.probabilities.float()
-    averaged = (plain.probabilities.float() + smaller.probabilities.float()[:, :, px : px + x, py : py + y] + wide) / 3
+    averaged = (plain_p + smaller.probabilities.float()[:, :, px : px + x, py : py + y] + wide) / 3
     seconds = plain.seconds + smaller.seconds + larger.seconds
     return VolumeProposals(ORGANS, averaged.to(torch.float16), 0, steps, seconds, plain.spread)
 

@@ -47,14 +47,13 @@ def main() -> None:
                                             volume.spacing[0], spare_fat=spare_fat)
             rows.append({"phase": phase, "moved": "fat spared" if spare_fat else "every voxel alike",
                          "organs": organ_hu(moved, label)})
-    index = {phase: contrast.PHASES.index(phase) for phase in contrast.PHASES}
     print("| phase | moved | " + " | ".join(ORGANS) + " |")
     print("|---|---|" + "---|" * len(ORGANS))
     for row in rows:
         cells = [f"{p50:.0f} ({p10:.0f} / {p90:.0f})" for p10, p50, p90 in row["organs"].values()]
         print(f"| {row['phase']} | {row['moved']} | " + " | ".join(cells) + " |")
-    for phase in contrast.PHASES:
-        ranges = [contrast.TISSUE_HU[LEAN_TISSUE.get(organ, organ)][index[phase]] for organ in ORGANS]
+    for index, phase in enumerate(contrast.PHASES):
+        ranges = [contrast.TISSUE_HU[LEAN_TISSUE.get(organ, organ)][index] for organ in ORGANS]
         print(f"| {phase} | table range, lean tissue | " + " | ".join(f"{lo}-{hi}" for lo, hi in ranges) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": "bench/simulated_phases.py", "phase_seed": args.phase_seed,

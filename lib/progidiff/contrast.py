@@ -121,10 +121,11 @@ def simulate_phase(
         if mask.sum() < 3:
             return
         soft = ndimage.gaussian_filter(mask.astype(np.float32), 0.5)
+        median = float(np.median(image[mask]))
         if not spare_fat:
-            out[...] += (values[tissue] - float(np.median(image[mask]))) * soft
+            out[...] += (values[tissue] - median) * soft
             return
-        lean = max(float(np.median(image[mask])), TISSUE_HU[tissue][0][0])  # [0]: non-contrast, its low
+        lean = max(median, TISSUE_HU[tissue][0][0])  # [0]: non-contrast, its low
         parenchyma = np.clip((organ_mean(image, mask) - FAT_HU) / (lean - FAT_HU), 0.0, 1.0)
         out[...] += (values[tissue] - lean) * soft * parenchyma
 
