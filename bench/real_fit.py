@@ -7,6 +7,10 @@ whole of `../shared/data/ct_a_full`, scored per organ on the slices the recipe t
 
 Dice of logit ≥ 0 against the reference (TotalSegmentator ids mapped by name), with the number of slices that
 hold the organ on each side.  Each slice reads its real neighbours (2.5D models), as in the whole volume.
+`--trace ORGAN` also says where each model puts that organ on every held-out slice (voxels, overlap with the
+reference, mean voxel position), beside where the reference is: a missed organ, or one found in the wrong place?
+
+    .venv/bin/python bench/real_fit.py model/progidiff_ct model/baseline_ct --trace pancreas
 """
 
 from __future__ import annotations
@@ -58,24 +62,59 @@ def fit_scores(logits: torch.Tensor, label: np.ndarray) -> dict[str, dict]:
     return scores
 
 
+def centre(mask: np.ndarray) -> list[float] | None:
+    """The mean (x, y) voxel position of a 2D mask (None: empty)."""
+    where = np.argwhere(mask)
+    return [round(float(c), 1) for c in where.mean(axis=0)] if len(where) else None
+
+
+def slice_trace(logits: torch.Tensor, label: np.ndarray, organ: str) -> list[dict]:
+    """Per held-out slice: the reference's and the read-out's voxels, their overlap and their centres."""
+    reference = label == ORGAN_IDS[organ]
+    predicted = (logits[:, ORGAN_IDS[organ] - 1] >= 0).permute(1, 2, 0).numpy()
+    return [{"z": z, "reference_voxels": int(reference[..., z].sum()), "reference_centre": centre(reference[..., z]),
+             "predicted_voxels": int(predicted[..., z].sum()), "predicted_centre": centre(predicted[..., z]),
+             "overlap_voxels": int((predicted[..., z] & reference[..., z]).sum())}
+            for z in range(HELD_OUT_FULL.start, HELD_OUT_FULL.stop)]
+
+
+def print_trace(results: list[dict], organ: str) -> None:
+    print(f"\n{organ} on the held-out slices: voxels (x, y centre); read-outs as voxels / overlap (x, y centre)")
+    print("| z | reference | " + " | ".join(r["model"] for r in results) + " |")
+    print("|---|---|" + "---|" * len(results))
+    for i, row in enumerate(results[0]["trace"]):
+        cells = [f"{r['trace'][i]['predicted_voxels']} / {r['trace'][i]['overlap_voxels']} "
+                 f"{tuple(r['trace'][i]['predicted_centre'] or ())}" for r in results]
+        print(f"| {row['z']} | {row['reference_voxels']} {tuple(row['reference_centre'] or ())} | "
+              + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", type=Path, nargs="+", help="ProGiDiff or baseline model folders")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "real_fit.json")
+    parser.add_argument("--trace", choices=UNSEEN_ORGANS, help="also where each model puts this organ, slice by slice")
     args = parser.parse_args()
     if not CT_A_FULL.is_dir():
         raise SystemExit(f"{CT_A_FULL} is absent: this bench needs the team's real CT beside the checkout")
     volume = load_volume_pair(CT_A_FULL / "image.nii.gz", CT_A_FULL / "label.nii.gz", "total", spacing=3.0)
-    results = [{"model": str(folder), "organs": fit_scores(read_out(folder, volume.image), volume.label)}
-               for folder in args.models]
+    results = []
+    for folder in args.models:
+        logits = read_out(folder, volume.image)
+        results.append({"model": str(folder), "organs": fit_scores(logits, volume.label)})
+        if args.trace:
+            results[-1]["trace"] = slice_trace(logits, volume.label, args.trace)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": "python bench/real_fit.py " + " ".join(map(str, args.models)),
-                                    "results": results}, indent=2))
+    trace = ["--trace", args.trace] if args.trace else []
+    command = " ".join(["python bench/real_fit.py", *map(str, args.models), *trace])
+    args.out.write_text(json.dumps({"command": command, "results": results}, indent=2))
     print("| model | " + " | ".join(UNSEEN_ORGANS) + " |")
     print("|---|" + "---|" * len(UNSEEN_ORGANS))
     for r in results:
         cells = [f"{s['trained']['dice']:.3f} / {s['held_out']['dice']:.3f}" for s in r["organs"].values()]
         print(f"| {r['model']} (trained / held-out slices) | " + " | ".join(cells) + " |")
+    if args.trace:
+        print_trace(results, args.trace)
 
 
 if __name__ == "__main__":
