@@ -31,10 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @torch.no_grad()
-def readout_logits(model: ProGiDiffModel, image: np.ndarray, slice_batch: int = 16) -> torch.Tensor:
+def readout_logits(model: ProGiDiffModel, image: np.ndarray, slice_batch: int = 16,
+                   neighbours: bool = True) -> torch.Tensor:
     """Every organ's read-out logits [Z, K, X, Y] on every slice of `image` [X, Y, Z] (each slice with its
-    neighbours, as the model reads it), at the image's size."""
-    slices = axial_slices(image, model.config.context_slices)
+    neighbours, as the model reads it; `neighbours` False: the slice itself in their places), at the image's size."""
+    context = model.config.context_slices
+    slices = axial_slices(image, context) if neighbours else axial_slices(image, 0).repeat(1, 1 + 2 * context, 1, 1)
     encoder, size = model.scan_encoder, model.config.image_size
     logits = torch.cat([
         F.interpolate(encoder.organ_logits(encoder.features(to_square(slices[i : i + slice_batch], size))),

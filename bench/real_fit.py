@@ -38,10 +38,12 @@ SLICE_BATCH = 16
 
 
 @torch.inference_mode()
-def read_out(folder: Path, image: np.ndarray) -> torch.Tensor:
-    """Every organ's logits [Z, K, X, Y] on every slice of `image` [X, Y, Z], at the image's size."""
+def read_out(folder: Path, image: np.ndarray, neighbours: bool = True) -> torch.Tensor:
+    """Every organ's logits [Z, K, X, Y] on every slice of `image` [X, Y, Z], at the image's size.
+    `neighbours` False: a 2.5D model reads each slice in its neighbours' places too (do its errors come from them?)."""
     if not is_baseline_folder(folder):
-        return readout_logits(ProGiDiffModel.from_pretrained(folder).eval(), image)
+        model = ProGiDiffModel.from_pretrained(folder).eval()
+        return readout_logits(model, image, neighbours=neighbours)
     baseline = BaselineSegmenter.from_pretrained(folder)
     slices, size = axial_slices(image, 0), baseline.config.image_size
     logits = torch.cat([baseline(to_square(slices[i : i + SLICE_BATCH], size))
@@ -94,19 +96,21 @@ def main() -> None:
     parser.add_argument("models", type=Path, nargs="+", help="ProGiDiff or baseline model folders")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "real_fit.json")
     parser.add_argument("--trace", choices=UNSEEN_ORGANS, help="also where each model puts this organ, slice by slice")
+    parser.add_argument("--no-neighbours", action="store_true",
+                        help="2.5D models read each slice in place of its neighbours (out of their training, a probe)")
     args = parser.parse_args()
     if not CT_A_FULL.is_dir():
         raise SystemExit(f"{CT_A_FULL} is absent: this bench needs the team's real CT beside the checkout")
     volume = load_volume_pair(CT_A_FULL / "image.nii.gz", CT_A_FULL / "label.nii.gz", "total", spacing=3.0)
     results = []
     for folder in args.models:
-        logits = read_out(folder, volume.image)
+        logits = read_out(folder, volume.image, neighbours=not args.no_neighbours)
         results.append({"model": str(folder), "organs": fit_scores(logits, volume.label)})
         if args.trace:
             results[-1]["trace"] = slice_trace(logits, volume.label, args.trace)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    trace = ["--trace", args.trace] if args.trace else []
-    command = " ".join(["python bench/real_fit.py", *map(str, args.models), *trace])
+    flags = (["--trace", args.trace] if args.trace else []) + (["--no-neighbours"] if args.no_neighbours else [])
+    command = " ".join(["python bench/real_fit.py", *map(str, args.models), *flags])
     args.out.write_text(json.dumps({"command": command, "results": results}, indent=2))
     print("| model | " + " | ".join(UNSEEN_ORGANS) + " |")
     print("|---|" + "---|" * len(UNSEEN_ORGANS))
