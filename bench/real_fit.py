@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,10 +85,10 @@ def print_trace(results: list[dict], organ: str) -> None:
     print(f"\n{organ} on the held-out slices: voxels (x, y centre); read-outs as voxels / overlap (x, y centre)")
     print("| z | reference | " + " | ".join(r["model"] for r in results) + " |")
     print("|---|---|" + "---|" * len(results))
-    for i, row in enumerate(results[0]["trace"]):
-        cells = [f"{r['trace'][i]['predicted_voxels']} / {r['trace'][i]['overlap_voxels']} "
-                 f"{tuple(r['trace'][i]['predicted_centre'] or ())}" for r in results]
-        print(f"| {row['z']} | {row['reference_voxels']} {tuple(row['reference_centre'] or ())} | "
+    for rows in zip(*(r["trace"] for r in results)):  # one slice, every model
+        cells = [f"{row['predicted_voxels']} / {row['overlap_voxels']} {tuple(row['predicted_centre'] or ())}"
+                 for row in rows]
+        print(f"| {rows[0]['z']} | {rows[0]['reference_voxels']} {tuple(rows[0]['reference_centre'] or ())} | "
               + " | ".join(cells) + " |")
 
 
@@ -109,8 +110,7 @@ def main() -> None:
         if args.trace:
             results[-1]["trace"] = slice_trace(logits, volume.label, args.trace)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    flags = (["--trace", args.trace] if args.trace else []) + (["--no-neighbours"] if args.no_neighbours else [])
-    command = " ".join(["python bench/real_fit.py", *map(str, args.models), *flags])
+    command = " ".join(["python bench/real_fit.py", *sys.argv[1:]])  # as bench/levers.py records its own
     args.out.write_text(json.dumps({"command": command, "results": results}, indent=2))
     print("| model | " + " | ".join(UNSEEN_ORGANS) + " |")
     print("|---|" + "---|" * len(UNSEEN_ORGANS))
