@@ -11,8 +11,8 @@
 # Why two stages: the pseudo-CT lifts the real block's pancreas as the last steps on a trained model, not from
 # step 0.
 # The time budgets (60 + 18 min of training, plus about 9 of data generation and final validation) keep the whole
-# within 90 minutes on 2 cores (72 min on 2026-12-06, where both stages ended by their steps; 87 on a day as slow
-# as 2026-12-07, whose run with stage 1's former 64 minutes took 91).
+# within 90 minutes on 2 cores (72 min on 2026-12-06, where both stages ended by their steps; about 87 on a day as
+# slow as 2026-12-07, whose run with stage 1's former 64 minutes took 91).
 # --baseline trains the deterministic MONAI UNet through the same two stages on the same data: the same-budget
 # baseline. Its budget is the steps it made on 2 cores in the training minutes the diffusion model's stages took
 # there (16191 in 52.0 and 3729 in 14.5, 2026-12-06: the committed baseline), so that a faster machine or a GPU
