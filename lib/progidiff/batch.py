@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling_options(p)
+    p.add_argument("--prompt", required=True)
     p.add_argument("--images", type=Path, required=True, help="folder of NIfTI/NRRD files and DICOM series folders")
     p.add_argument("--out", type=Path, required=True, help="one result folder per study, and batch.json")
     p.add_argument("--devices", default="cuda" if torch.cuda.is_available() else "cpu",

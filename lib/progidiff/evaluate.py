@@ -30,24 +30,17 @@ from .montage import save_montage
 from .predict import Predictor, load_volume
 from .prompts import parse_prompt
 from .proposals import MASK_THRESHOLD
+from .segment import add_sampling_options
 from .train import parse_ranges
-from .volume import DEFAULT_SCREEN_THRESHOLD, VolumeProposals
+from .volume import VolumeProposals
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, required=True)
+    add_sampling_options(p)
     p.add_argument("--image", type=Path, required=True)
     p.add_argument("--label", type=Path, required=True)
     p.add_argument("--label-map", default="schema", help="schema, total, total_mr, or a JSON id→name file")
     p.add_argument("--organs", default="liver,spleen,kidney_left,kidney_right")
-    p.add_argument("--proposals", type=int, default=5)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", default="ddim")
-    p.add_argument("--spread", type=float, default=None,
-                   help="organ-prior logit range the proposals span, tightest to most generous (default: the model's)")
-    p.add_argument("--screen-threshold", type=float, default=DEFAULT_SCREEN_THRESHOLD,
-                   help="sample only slices where the scan encoder sees the organ (0: every slice)")
     p.add_argument("--slices", type=parse_ranges, default=None, metavar="Z0:Z1[,Z2:Z3]",
                    help="score only these z-slices")
     p.add_argument("--simulate-phase", choices=contrast.PHASES[1:], default=None,

@@ -29,9 +29,8 @@ from .volume import DEFAULT_SCREEN_THRESHOLD, organ_statistics
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    """The model and sampling options `segment` and `batch` share."""
+    """The model and sampling options `segment`, `batch` and `evaluate` share."""
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--prompt", required=True)
     p.add_argument("--proposals", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
@@ -45,6 +44,7 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling_options(p)
+    p.add_argument("--prompt", required=True)
     p.add_argument("--image", type=Path, required=True, help="NIfTI/NRRD file or DICOM series folder")
     p.add_argument("--out", type=Path, required=True)
     return p
