@@ -24,6 +24,7 @@ from clients import (
     slicer_seg_nrrd_segments,
     slicer_segments,
 )
+from progidiff import segment
 from progidiff.labels import ORGAN_IDS
 from progidiff.metrics import dice
 from server import ROOT, Server
@@ -52,8 +53,7 @@ def server(tmp_path_factory):
     affine[:3, 3] += affine[:3, 2] * first  # the six slices where the judged organs are largest together
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, first : first + 6], affine), studies / f"{IMAGE}.nii.gz")
     nib.save(nib.Nifti1Image(reference[:, :, first : first + 6], affine), work / "reference.nii.gz")
-    conf = {"model_path": str(ROOT / "model" / "progidiff_ct"), "num_proposals": "2", "steps": "1",
-            "train_dir": str(work / "runs")}
+    conf = {"model_path": str(ROOT / "model" / "progidiff_ct"), "num_proposals": "2", "train_dir": str(work / "runs")}
     with Server(studies, conf, work) as running:
         running.reference = sitk.ReadImage(str(work / "reference.nii.gz"))
         yield running
@@ -176,6 +176,26 @@ def test_a_slicer_session_is_inferred(server, tmp_path):
     _, again = client.infer(MODEL, "", {"prompt": "spleen", "proposal": 1, **SLICER_INFER_PARAMS},
                             session_id=session_id)
     assert not result["cached"] and again["cached"]
+
+
+def test_the_command_line_samples_as_the_server_does(server, tmp_path):
+    """`progidiff.segment` with no sampling options gives the server's answer to a request with none: the
+    server, `segment` and `batch` share one default (steps, seed, scheduler, spread, slice screening)."""
+    response = requests.post(f"{server.url}/infer/{MODEL}", params={"image": IMAGE, "output": "json"},
+                             files={"params": (None, json.dumps({"prompt": "spleen"}))}, timeout=600)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    served = requests.get(f"{server.url}/datastore/label", params={"label": IMAGE, "tag": "consensus"}, timeout=60)
+    assert served.status_code == 200
+    (tmp_path / "served.nii.gz").write_bytes(served.content)
+    summary = segment.main(["--model", str(ROOT / "model" / "progidiff_ct"), "--prompt", "spleen",
+                            "--image", str(server.studies / f"{IMAGE}.nii.gz"), "--out", str(tmp_path / "cli"),
+                            "--proposals", str(result["num_proposals"])])  # the server's conf num_proposals
+    assert (summary["steps"], summary["seed"]) == (result["steps"], result["seed"])
+    by_server = np.asarray(nib.load(tmp_path / "served.nii.gz").dataobj) > 0
+    by_command = np.asarray(nib.load(tmp_path / "cli" / "consensus.nii.gz").dataobj) > 0
+    assert by_server.any() and by_server.shape == by_command.shape
+    assert dice(by_server, by_command) > 0.99
 
 
 def _latencies_while(server: Server, work) -> list[float]:

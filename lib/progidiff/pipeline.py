@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 MAX_STEPS = 1000
 MAX_SPREAD = 20.0  # organ-prior logits; σ(±20) is certainty, nothing lies beyond
 PROPOSAL_NOISE = ("shared", "independent")
+# Sampling steps when a caller names none: the server, the CLIs and the library alike.  With shared noise,
+# 1 DDIM step is within 0.3 Dice points of 5 independent ones and 7–22× faster (bench/README.md).
+DEFAULT_STEPS = 1
 
 
 @dataclass
@@ -285,7 +288,7 @@ class ProGiDiffPipeline:
         images: torch.Tensor,
         organs: list[str],
         num_proposals: int = 5,
-        steps: int = 10,
+        steps: int = DEFAULT_STEPS,
         seed: int = 0,
         features: torch.Tensor | None = None,
     ) -> ProposalOutput:

@@ -1,7 +1,7 @@
 """`python -m progidiff.segment`: segment a scan without a server.
 
     python -m progidiff.segment --model model/progidiff_ct --image scan.nii.gz --prompt "liver" \\
-        --proposals 5 --steps 10 --seed 0 --out outdir/
+        --proposals 5 --seed 0 --out outdir/
 
 Writes, in the input's geometry: `consensus.nii.gz` (label map, schema values), `proposal_<k>.nii.gz`,
 `uncertainty.nii.gz` (per-voxel std over proposals, max over organs), a montage PNG per organ, and
@@ -23,6 +23,7 @@ from .labels import ORGAN_IDS
 from .montage import save_montage
 from .phantoms import save_nifti
 from .outputs import maps_in_input_geometry, stored
+from .pipeline import DEFAULT_STEPS
 from .predict import Predictor, load_volume
 from .prompts import parse_prompt
 from .volume import DEFAULT_SCREEN_THRESHOLD, organ_statistics
@@ -32,7 +33,7 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     """The model and sampling options `segment`, `batch` and `evaluate` share."""
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--proposals", type=int, default=5)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps (default: the server's, %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--spread", type=float, default=None,

@@ -18,7 +18,7 @@ from monai import transforms as mt
 
 from .dicom_check import CheckDicomSeriesd
 from .labels import ORGAN_IDS
-from .pipeline import ProGiDiffPipeline
+from .pipeline import DEFAULT_STEPS, ProGiDiffPipeline
 from .proposals import MASK_THRESHOLD, summarise
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def segment_volume(
     volume: torch.Tensor | np.ndarray,
     organs: list[str],
     num_proposals: int = 5,
-    steps: int = 10,
+    steps: int = DEFAULT_STEPS,
     seed: int = 0,
     slice_batch: int = 8,
     progress: Callable[[int, int], None] | None = None,

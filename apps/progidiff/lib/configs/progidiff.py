@@ -15,7 +15,7 @@ from lib.trainers.progidiff import ProGiDiffTrain
 from lib.trainers.progidiff_lora import ProGiDiffLoraTrain
 from progidiff.labels import ORGAN_IDS
 from progidiff.model import CONFIG_NAME, ProGiDiffConfig, ProGiDiffModel
-from progidiff.pipeline import MAX_SPREAD, PROPOSAL_NOISE, default_device
+from progidiff.pipeline import DEFAULT_STEPS, MAX_SPREAD, PROPOSAL_NOISE, default_device
 from progidiff.schedulers import SAMPLERS
 from progidiff.volume import DEFAULT_SCREEN_THRESHOLD
 
@@ -32,7 +32,7 @@ class AppSettings:
     model_path: str = ""
     num_proposals: int = 5
     max_proposals: int = 10
-    steps: int = 1  # with shared noise, 1 DDIM step: within 0.3 Dice points of 5 independent ones (bench/README.md)
+    steps: int = DEFAULT_STEPS
     scheduler: str = "ddim"
     proposal_noise: str = "shared"  # an organ's proposals start from one noise and differ in the prior's offset
     proposal_spread: float = -1.0  # organ-prior logit range the proposals span (< 0: the model's own)
