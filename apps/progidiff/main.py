@@ -36,8 +36,10 @@ from lib.infers.progidiff import DATASTORE_ID
 from lib.routes import UPLOADS, serve_off_the_event_loop
 from lib.scoring.proposal_uncertainty import ProposalUncertainty, ScoringParams
 from progidiff.labels import ORGAN_IDS
+from progidiff.logs import quiet_codec_notice
 
 logger = logging.getLogger(__name__)
+quiet_codec_notice()  # the server's processes (training and scoring too) import this module
 
 
 class ProGiDiffApp(MONAILabelApp):

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .io_utils import atomic_file
+from .logs import configure_cli_logging
 from .prompts import UnknownPromptError, parse_prompt
 from .segment import add_sampling_options, predictor_for, segment_study
 
@@ -75,7 +76,7 @@ def is_done(out: Path, wanted: dict) -> bool:
 def work(device: str, threads: int, studies: list[tuple[str, str]], args: argparse.Namespace, wanted: dict,
          total: int) -> list[dict]:
     """One worker: its own model copy on `device`, its share of the studies, one record per study."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_cli_logging()
     if device == "cpu":
         torch.set_num_threads(threads)
     predictor = predictor_for(args, device)
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_cli_logging()
     args = build_parser().parse_args(argv)
     if not args.images.is_dir():
         raise SystemExit(f"--images {args.images} is not a folder")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 
 from . import contrast
 from .labels import ORGAN_IDS, load_class_map, to_schema
+from .logs import configure_cli_logging
 from .metrics import bracketing, dice, generalized_energy_distance, hd95
 from .montage import save_montage
 from .predict import Predictor, load_volume
@@ -132,7 +132,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_cli_logging()
     result = evaluate(build_parser().parse_args(argv))
     print(json.dumps(result["organs"], indent=2))
     return result

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -20,9 +19,10 @@ import numpy as np
 
 from .io_utils import atomic_file
 from .labels import ORGAN_IDS
+from .logs import configure_cli_logging
 from .montage import save_montage
-from .phantoms import save_nifti
 from .outputs import maps_in_input_geometry, stored
+from .phantoms import save_nifti
 from .pipeline import DEFAULT_STEPS
 from .predict import Predictor, load_volume
 from .prompts import parse_prompt
@@ -101,7 +101,7 @@ def segment(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_cli_logging()
     summary = segment(build_parser().parse_args(argv))
     print(json.dumps({k: summary[k] for k in ("organs", "seconds")}))
     return summary

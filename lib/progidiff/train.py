@@ -40,6 +40,7 @@ from .data import SliceDataset, Volume, load_volume_pair, normalised, phantom_vo
 from .intensity import normalisation_for
 from .io_utils import atomic_file
 from .labels import ORGAN_IDS
+from .logs import configure_cli_logging
 from .model import ProGiDiffConfig, ProGiDiffModel
 from .phantoms import pancreas_fat_arg
 from .pipeline import prompt_encoder_for
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.pseudo_ct and args.real_weight + args.pseudo_ct_weight > 1:
         parser.error("--real-weight + --pseudo-ct-weight must be at most 1 (the phantoms take the rest)")
     args.context_slices = context_slices(args, parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_cli_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     organs = [o.strip() for o in args.organs.split(",") if o.strip()] or list(ORGAN_IDS)
