@@ -45,9 +45,12 @@ logger = logging.getLogger(__name__)
 MAX_STEPS = 1000
 MAX_SPREAD = 20.0  # organ-prior logits; σ(±20) is certainty, nothing lies beyond
 PROPOSAL_NOISE = ("shared", "independent")
-# Sampling steps when a caller names none: the server, the CLIs and the library alike.  With shared noise,
+# How a request that names none is sampled: the server, the CLIs and the library alike.  With shared noise,
 # 1 DDIM step is within 0.3 Dice points of 5 independent ones and 7–22× faster (bench/README.md).
+DEFAULT_PROPOSALS = 5
 DEFAULT_STEPS = 1
+DEFAULT_SCHEDULER = "ddim"
+DEFAULT_PROPOSAL_NOISE = "shared"
 
 
 @dataclass
@@ -98,12 +101,12 @@ class ProGiDiffPipeline:
         self,
         model: ProGiDiffModel,
         prompt_encoder: PromptEncoder,
-        scheduler: str = "ddim",
+        scheduler: str = DEFAULT_SCHEDULER,
         device: torch.device | str | None = None,
         precision: str = "auto",
         show_progress: bool = True,
         spread: float | None = None,
-        proposal_noise: str = "shared",
+        proposal_noise: str = DEFAULT_PROPOSAL_NOISE,
     ):
         """`spread`: the proposals' organ-prior logit range (None: the model's `proposal_spread`);
         `proposal_noise`: "shared" or "independent" starting noise across an organ's proposals (see above)."""
@@ -287,7 +290,7 @@ class ProGiDiffPipeline:
         self,
         images: torch.Tensor,
         organs: list[str],
-        num_proposals: int = 5,
+        num_proposals: int = DEFAULT_PROPOSALS,
         steps: int = DEFAULT_STEPS,
         seed: int = 0,
         features: torch.Tensor | None = None,

@@ -12,14 +12,14 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 
 from .baseline import BaselineSegmenter, is_baseline_folder
-from .pipeline import ProGiDiffPipeline
+from .pipeline import DEFAULT_SCHEDULER, ProGiDiffPipeline
 from .volume import VolumeProposals, axial_slices, loading_transforms, reading_error, segment_volume
 
 
 class Predictor:
     """One interface over both kinds of model folder: `segment(volume, organs, ...) -> VolumeProposals`."""
 
-    def __init__(self, model_dir: str | Path, scheduler: str = "ddim", device: str | None = None,
+    def __init__(self, model_dir: str | Path, scheduler: str = DEFAULT_SCHEDULER, device: str | None = None,
                  screen_threshold: float = 0.0, slice_batch: int = 8, spread: float | None = None):
         self.model_dir = Path(model_dir)
         self.screen_threshold = screen_threshold

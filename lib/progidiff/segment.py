@@ -23,7 +23,7 @@ from .logs import configure_cli_logging
 from .montage import save_montage
 from .outputs import maps_in_input_geometry, stored
 from .phantoms import save_nifti
-from .pipeline import DEFAULT_STEPS
+from .pipeline import DEFAULT_PROPOSALS, DEFAULT_SCHEDULER, DEFAULT_STEPS
 from .predict import Predictor, load_volume
 from .prompts import parse_prompt
 from .volume import DEFAULT_SCREEN_THRESHOLD, organ_statistics
@@ -32,10 +32,11 @@ from .volume import DEFAULT_SCREEN_THRESHOLD, organ_statistics
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
     """The model and sampling options `segment`, `batch` and `evaluate` share."""
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--proposals", type=int, default=5)
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps (default: the server's, %(default)s)")
+    p.add_argument("--proposals", type=int, default=DEFAULT_PROPOSALS)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help="sampling steps (default: the server's, %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--scheduler", default=DEFAULT_SCHEDULER)
     p.add_argument("--spread", type=float, default=None,
                    help="organ-prior logit range the proposals span, tightest to most generous (default: the model's)")
     p.add_argument("--screen-threshold", type=float, default=DEFAULT_SCREEN_THRESHOLD,

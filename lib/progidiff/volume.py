@@ -18,7 +18,7 @@ from monai import transforms as mt
 
 from .dicom_check import CheckDicomSeriesd
 from .labels import ORGAN_IDS
-from .pipeline import DEFAULT_STEPS, ProGiDiffPipeline
+from .pipeline import DEFAULT_PROPOSALS, DEFAULT_STEPS, ProGiDiffPipeline
 from .proposals import MASK_THRESHOLD, summarise
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def segment_volume(
     pipeline: ProGiDiffPipeline,
     volume: torch.Tensor | np.ndarray,
     organs: list[str],
-    num_proposals: int = 5,
+    num_proposals: int = DEFAULT_PROPOSALS,
     steps: int = DEFAULT_STEPS,
     seed: int = 0,
     slice_batch: int = 8,

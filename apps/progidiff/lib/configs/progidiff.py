@@ -15,7 +15,8 @@ from lib.trainers.progidiff import ProGiDiffTrain
 from lib.trainers.progidiff_lora import ProGiDiffLoraTrain
 from progidiff.labels import ORGAN_IDS
 from progidiff.model import CONFIG_NAME, ProGiDiffConfig, ProGiDiffModel
-from progidiff.pipeline import DEFAULT_STEPS, MAX_SPREAD, PROPOSAL_NOISE, default_device
+from progidiff.pipeline import (DEFAULT_PROPOSAL_NOISE, DEFAULT_PROPOSALS, DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_SPREAD,
+                                PROPOSAL_NOISE, default_device)
 from progidiff.schedulers import SAMPLERS
 from progidiff.volume import DEFAULT_SCREEN_THRESHOLD
 
@@ -30,11 +31,11 @@ class AppSettings:
 
     base_model: str = "compact"
     model_path: str = ""
-    num_proposals: int = 5
+    num_proposals: int = DEFAULT_PROPOSALS
     max_proposals: int = 10
     steps: int = DEFAULT_STEPS
-    scheduler: str = "ddim"
-    proposal_noise: str = "shared"  # an organ's proposals start from one noise and differ in the prior's offset
+    scheduler: str = DEFAULT_SCHEDULER
+    proposal_noise: str = DEFAULT_PROPOSAL_NOISE  # an organ's proposals: one noise, each its own prior offset
     proposal_spread: float = -1.0  # organ-prior logit range the proposals span (< 0: the model's own)
     device: str = "auto"
     precision: str = "auto"
