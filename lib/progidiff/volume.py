@@ -43,7 +43,8 @@ def reading_transforms(keys: str | list[str]) -> list:
 def geometry_transforms(keys: str | list[str], spacing: float | None = None, label_keys: tuple = ()) -> list:
     """The resampling part of `loading_transforms`: on a readable 3D image with a sound affine it cannot fail."""
     keys = [keys] if isinstance(keys, str) else list(keys)
-    steps: list = [mt.Orientationd(keys, axcodes="RAS")]
+    # "RAS" in the standard L/R, P/A, I/S labels, named so that MONAI's coming default (labels=None) changes nothing
+    steps: list = [mt.Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
     if spacing:
         modes = tuple("nearest" if k in label_keys else "bilinear" for k in keys)
         steps.append(mt.Spacingd(keys, pixdim=(spacing, spacing, -1), mode=modes))
