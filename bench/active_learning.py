@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from progidiff.data import Volume, phantom_volumes  # noqa: E402
+from progidiff.logs import configure_cli_logging  # noqa: E402
 from progidiff.model import ProGiDiffConfig, ProGiDiffModel  # noqa: E402
 from progidiff.pipeline import ProGiDiffPipeline  # noqa: E402
 from progidiff.proposals import disagreement  # noqa: E402
@@ -99,7 +100,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "active_learning.json")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_cli_logging()
     logging.getLogger("progidiff").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -32,6 +32,7 @@ import torch
 
 from progidiff import evaluate
 from progidiff.labels import load_class_map
+from progidiff.logs import configure_cli_logging
 from progidiff.phantoms import save_nifti, write_sample_set
 
 # bench/, beside this script
@@ -119,7 +120,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/app_ct_training_<study>.json")
     args = parser.parse_args()
     args.out = args.out or ROOT / "bench" / "results" / f"app_ct_training_{args.study}.json"
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_cli_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not CT_A_FULL.is_dir():

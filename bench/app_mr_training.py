@@ -31,6 +31,7 @@ from monai.transforms import Compose
 
 from progidiff.data import phantom_volumes
 from progidiff.intensity import PercentileNormalisation
+from progidiff.logs import configure_cli_logging
 from progidiff.model import ProGiDiffModel
 from progidiff.pipeline import ProGiDiffPipeline
 from progidiff.plausibility import ADULT_VOLUME_ML
@@ -90,7 +91,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "app_mr_training.json")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_cli_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     if not MR_A.is_dir():

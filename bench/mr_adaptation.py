@@ -38,6 +38,7 @@ from progidiff.data import Volume, load_volume_pair, normalised, phantom_volumes
 from progidiff.evaluate import score_proposals
 from progidiff.intensity import PercentileNormalisation, normalisation_for
 from progidiff.labels import ORGAN_IDS
+from progidiff.logs import configure_cli_logging
 from progidiff.model import ProGiDiffModel
 from progidiff.pipeline import ProGiDiffPipeline
 from progidiff.pseudo_mr import pseudo_mr_volumes
@@ -138,7 +139,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "mr_adaptation.json")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_cli_logging()
     logging.getLogger("progidiff").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,6 +17,6 @@ def quiet_codec_notice() -> None:
 
 
 def configure_cli_logging() -> None:
-    """INFO lines with time and source on stderr, as every `python -m progidiff.*` tool prints its progress."""
+    """INFO lines with time and source on stderr: how `segment`, `batch`, `evaluate`, `train` and the benches log."""
     logging.basicConfig(level=logging.INFO, format=CLI_FORMAT)
     quiet_codec_notice()
