@@ -14,8 +14,6 @@ from server import ROOT, Server, copy_studies
 
 pytestmark = pytest.mark.server  # starts the real MONAI Label server
 
-pytestmark = pytest.mark.server  # starts the real MONAI Label server
-
 
 def test_unauthenticated_requests_are_refused(tmp_path):
     torch.manual_seed(0)

@@ -51,6 +51,7 @@ def model(tmp_path_factory) -> Path:
     return save_awake_tiny_model(tmp_path_factory.mktemp("ddp") / "model")
 
 
+@pytest.mark.server  # two training processes, each importing MONAI: a minute, not the fast tier
 def test_two_gloo_processes_follow_one_process_at_the_same_global_batch_and_write_once(model, tmp_path):
     one, _ = train(tmp_path / "one", model, 1, 40)
     two, log = train(tmp_path / "two", model, 2, 40)
@@ -66,6 +67,7 @@ def test_two_gloo_processes_follow_one_process_at_the_same_global_batch_and_writ
     assert "resumed from" in log and resumed["steps"] == 50 and len(resumed["losses"]) == 10
 
 
+@pytest.mark.server  # two training processes, each importing MONAI: a minute, not the fast tier
 def test_the_app_trainer_under_monai_labels_multi_gpu_spawn_trains_on_two_ranks_and_rank_0_alone_reports(tmp_path):
     """What MONAI Label does with `multi_gpu` on a machine with two GPUs (BasicTrainTask.__call__): spawn
     `main_worker` twice, each calling `train(rank, 2, request, datalist)`; here on CPUs, gloo between them."""

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -39,6 +40,7 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @requires_shared_data()
+@pytest.mark.server  # the recipe script: its install check and a training process per stage, not the fast tier
 def test_the_recipe_makes_a_model_configured_as_the_committed_one_and_a_rerun_finishes_only_what_is_left(
         tmp_path: Path):
     out = tmp_path / "run"
@@ -67,6 +69,7 @@ def test_the_recipe_makes_a_model_configured_as_the_committed_one_and_a_rerun_fi
 
 
 @requires_shared_data()
+@pytest.mark.server  # the recipe script: its install check and a training process per stage, not the fast tier
 def test_the_baseline_recipe_makes_a_model_configured_as_the_committed_baseline(tmp_path: Path):
     out = tmp_path / "run"
     run = recipe("--baseline", str(out), *QUICK)
