@@ -28,6 +28,7 @@ import numpy as np
 
 from progidiff import contrast, evaluate
 from progidiff.data import load_volume_pair
+from progidiff.logs import configure_cli_logging
 from progidiff.phantoms import pancreas_block, write_sample_set
 
 from held_out import CT_A, HELD_OUT_SLICES, HELD_OUT_Z, UNSEEN_ORGANS  # bench/held_out.py, beside this script
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="score ProGiDiff alone (a quick sweep)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "default_model.json")
     args = parser.parse_args()
+    configure_cli_logging()
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

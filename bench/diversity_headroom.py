@@ -29,6 +29,7 @@ from diffusers import DDPMScheduler
 from progidiff.baseline import BaselineSegmenter
 from progidiff.geometry import from_square, to_square
 from progidiff.labels import ORGAN_IDS
+from progidiff.logs import configure_cli_logging
 from progidiff.metrics import dice
 from progidiff.model import ProGiDiffModel
 from progidiff.pipeline import prompt_encoder_for
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--organs", default=",".join(UNSEEN_ORGANS), help="comma-separated organ names")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "diversity_headroom.json")
     args = parser.parse_args()
+    configure_cli_logging()
 
     model = ProGiDiffModel.from_pretrained(args.model).eval()
     text_encoder = prompt_encoder_for(model)

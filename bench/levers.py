@@ -38,6 +38,7 @@ import torch
 from progidiff import contrast
 from progidiff.evaluate import score_proposals
 from progidiff.labels import ORGAN_IDS
+from progidiff.logs import configure_cli_logging
 from progidiff.phantoms import make_phantom, pancreas_block
 from progidiff.predict import Predictor
 from progidiff.volume import DEFAULT_SCREEN_THRESHOLD, VolumeProposals
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="DDIM steps (1: the served default)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "levers.json")
     args = parser.parse_args()
+    configure_cli_logging()
     predictor = Predictor(args.model, screen_threshold=DEFAULT_SCREEN_THRESHOLD)
     results = []
     for name, image, label, spacing in cases():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from progidiff.logs import configure_cli_logging
 from progidiff.model import ProGiDiffConfig, ProGiDiffModel
 from progidiff.pipeline import prompt_encoder_for
 
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "mask_size_cost.json")
     args = parser.parse_args()
+    configure_cli_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {"machine": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from progidiff.logs import configure_cli_logging
 from progidiff.model import ProGiDiffModel
 
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out", type=Path, help="the averaged model folder to write")
     p.add_argument("models", type=Path, nargs="+", help="model folders fine-tuned from the same model")
     args = p.parse_args(argv)
+    configure_cli_logging()
     try:
         models = [ProGiDiffModel.from_pretrained(d) for d in args.models]
     except FileNotFoundError as error:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from progidiff import contrast
 from progidiff.geometry import from_square, to_square
 from progidiff.labels import ORGAN_IDS
+from progidiff.logs import configure_cli_logging
 from progidiff.metrics import dice
 from progidiff.model import ProGiDiffModel
 from progidiff.volume import axial_slices
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("models", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "organ_prior.json")
     args = parser.parse_args()
+    configure_cli_logging()
     if not CT_A.is_dir():
         raise SystemExit(f"{CT_A} is absent: this bench needs the team's real CT beside the checkout")
     image, label, _ = held_out_block()

@@ -27,6 +27,7 @@ from progidiff.baseline import BaselineSegmenter, is_baseline_folder
 from progidiff.data import load_volume_pair
 from progidiff.geometry import from_square, to_square
 from progidiff.labels import ORGAN_IDS
+from progidiff.logs import configure_cli_logging
 from progidiff.metrics import dice
 from progidiff.model import ProGiDiffModel
 from progidiff.volume import axial_slices
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--no-neighbours", action="store_true",
                         help="2.5D models read each slice in place of its neighbours (out of their training, a probe)")
     args = parser.parse_args()
+    configure_cli_logging()
     if not CT_A_FULL.is_dir():
         raise SystemExit(f"{CT_A_FULL} is absent: this bench needs the team's real CT beside the checkout")
     volume = load_volume_pair(CT_A_FULL / "image.nii.gz", CT_A_FULL / "label.nii.gz", "total", spacing=3.0)

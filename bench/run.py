@@ -50,6 +50,7 @@ from monai import transforms as mt  # noqa: E402
 
 from progidiff.evaluate import score_proposals  # noqa: E402
 from progidiff.labels import load_class_map, to_schema  # noqa: E402
+from progidiff.logs import configure_cli_logging  # noqa: E402
 from progidiff.phantoms import write_sample_set  # noqa: E402
 from progidiff.pipeline import ProGiDiffPipeline  # noqa: E402
 from progidiff.predict import Predictor, load_volume  # noqa: E402
@@ -458,6 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes of compiling)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    configure_cli_logging()
 
     if args.threads:
         torch.set_num_threads(args.threads)

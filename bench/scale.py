@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from progidiff.logs import configure_cli_logging
 from progidiff.phantoms import make_phantom
 from progidiff.pipeline import ProGiDiffPipeline
 from progidiff.prompts import parse_prompt
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores shared by the workers")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
     args = parser.parse_args()
+    configure_cli_logging()
     organs = parse_prompt(args.organs)
     started = time.time()
     inference = [batch_inference(w, args.studies, organs, args.threads) for w in (1, 2)]

@@ -20,6 +20,7 @@ import numpy as np
 from progidiff import contrast
 from progidiff.data import load_volume_pair
 from progidiff.labels import ORGAN_IDS
+from progidiff.logs import configure_cli_logging
 
 from held_out import CT_A, UNSEEN_ORGANS as ORGANS  # bench/held_out.py, beside this script
 
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--phase-seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "simulated_phases.json")
     args = parser.parse_args()
+    configure_cli_logging()
     volume = load_volume_pair(CT_A / "image.nii.gz", CT_A / "label.nii.gz", "total", spacing=3.0)
     image, label = volume.image.astype(np.float32), volume.label
     rows = [{"phase": "non-contrast", "moved": "as scanned", "organs": organ_hu(image, label)}]
