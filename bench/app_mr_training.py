@@ -38,7 +38,7 @@ from progidiff.plausibility import ADULT_VOLUME_ML
 from progidiff.volume import loading_transforms, organ_statistics, segment_volume
 
 # bench/, beside this script
-from held_out import SHARED_DATA
+from held_out import MR_A
 from mr_adaptation import ORGANS, score, with_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,6 @@ sys.path.insert(0, str(ROOT / "apps" / "progidiff"))
 from lib.configs.progidiff import AppSettings  # noqa: E402  (the app's packages, as MONAI Label loads them)
 from lib.trainers.progidiff_lora import ProGiDiffLoraTrain  # noqa: E402
 
-MR_A = SHARED_DATA / "mr_a"
 SAMPLE_STUDY = ROOT / "sample-datasets" / "mr" / "phantom_001_mr.nii.gz"
 logger = logging.getLogger("bench.app_mr_training")
 

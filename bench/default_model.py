@@ -8,13 +8,19 @@ Cases, all outside the training data (through the evaluate CLI, scores in the mo
 - the held-out z-block of the real CT (`../shared/data/ct_a` slices 10-17, the same slices as `ct_a_full`
   92-99, which the recipe holds out), as scanned (non-contrast) and moved to each contrast phase
   (`evaluate --simulate-phase`: the patient's own anatomy and texture, organs at enhanced HU);
+- a second patient: the labelled MR `../shared/data/mr_a` rendered as CT (`progidiff.pseudo_ct`, seeds 7000-7003,
+  one per contrast phase, none of them a training rendering), scored on its slices no model trains on (z 5-9,
+  with the pancreas' body and tail, and 15-19: the recipe's `--pseudo-ct-hold-out`).  The recipe's stage 2 trains
+  on renderings of its other slices, as both stages train on the real CT around its block; the stage-1 models of
+  model/README.md never saw this patient.  Its organs' values come from their labels, so it tests where the
+  organs are found, not how a real scan's borders read;
 - fresh phantoms of unseen seeds, one per contrast phase, on the 12 slices around the pancreas (where most of the
   organs lie together; a whole phantom took 25 min a case at one thread).
 Per organ: consensus Dice, best-of-N Dice, HD95 of the consensus (mm), bracketing (share of the reference
 inside the most generous proposal; share of the tightest proposal inside the reference) and the generalized
 energy distance of the proposals to the reference; the baseline's Dice and HD95 beside them.  Then the means
-over the real-CT cases and over the phantoms, against the goal of the unseen-patient issue.
-The real-CT rows need ../shared/data/ct_a; they are skipped, with a note, when it is absent.
+per group of cases, against the goal of the unseen-patient issue.
+The real-CT and second-patient rows need ../shared/data; they are skipped, with a note, when it is absent.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ import numpy as np
 from progidiff import contrast, evaluate
 from progidiff.data import load_volume_pair
 from progidiff.logs import configure_cli_logging
-from progidiff.phantoms import pancreas_block, write_sample_set
+from progidiff.phantoms import pancreas_block, save_nifti, write_sample_set
+from progidiff.pseudo_ct import render
 
-from held_out import CT_A, HELD_OUT_SLICES, HELD_OUT_Z, UNSEEN_ORGANS  # bench/held_out.py, beside this script
+# bench/held_out.py, beside this script
+from held_out import CT_A, HELD_OUT_SLICES, HELD_OUT_Z, MR_A, MR_A_HELD_OUT, UNSEEN_ORGANS
 
 ROOT = Path(__file__).resolve().parents[1]
 # The unseen-patient goal: consensus Dice per organ, and bracketing both ways for these organs.
@@ -40,20 +48,50 @@ GOAL_BRACKETING = ("liver", "spleen", "kidney_left", "kidney_right")
 GOAL_BRACKETING_MIN = 0.95
 
 
-def cases(tmp: Path, phantom_seed: int, groups: str = "all") -> list[dict]:
-    found = []
-    if groups == "phantoms":
-        pass
-    elif CT_A.is_dir():
-        real = {"image": CT_A / "image.nii.gz", "label": CT_A / "label.nii.gz",
-                "label_map": "total", "slices": HELD_OUT_SLICES, "group": "real CT"}
-        for phase in contrast.PHASES:
-            simulated = [] if phase == "non-contrast" else ["--simulate-phase", phase]
-            found.append({**real, "name": f"ct_a held-out {HELD_OUT_Z}, {phase}{' (simulated)' if simulated else ''}",
-                          "extra": simulated})
-    else:
+GROUPS = ("real CT", "second patient", "phantoms")
+SECOND_PATIENT_SEED = 7000  # the recipe's renderings are seeds 0-3
+SECOND_PATIENT_PANCREAS_FAT = 0.5  # as the recipe renders it (its --pancreas-fat)
+
+
+def real_ct_cases() -> list[dict]:
+    """The held-out block of the real CT, as scanned and moved to each contrast phase."""
+    if not CT_A.is_dir():
         print(f"note: {CT_A} is absent: the real-CT cases are skipped")
-    for i, phase in enumerate(contrast.PHASES if groups != "real" else ()):
+        return []
+    real = {"image": CT_A / "image.nii.gz", "label": CT_A / "label.nii.gz",
+            "label_map": "total", "slices": HELD_OUT_SLICES, "group": "real CT"}
+    found = []
+    for phase in contrast.PHASES:
+        simulated = [] if phase == "non-contrast" else ["--simulate-phase", phase]
+        found.append({**real, "name": f"ct_a held-out {HELD_OUT_Z}, {phase}{' (simulated)' if simulated else ''}",
+                      "extra": simulated})
+    return found
+
+
+def second_patient_cases(tmp: Path) -> list[dict]:
+    """The labelled MR rendered as CT in each contrast phase, its never-trained slices scored."""
+    if not MR_A.is_dir():
+        print(f"note: {MR_A} is absent: the second-patient cases are skipped")
+        return []
+    mr = load_volume_pair(MR_A / "image.nii.gz", MR_A / "label.nii.gz", "total_mr", spacing=3.0)
+    affine = np.diag([*mr.spacing, 1.0])  # the arrays are RAS already: written so, they load back as they are
+    label = tmp / "mr_a_as_ct" / "label.nii.gz"
+    save_nifti(mr.label, affine, label)
+    found = []
+    for i, phase in enumerate(contrast.PHASES):
+        seed = SECOND_PATIENT_SEED + i
+        ct, _ = render(mr.image, mr.label, mr.spacing, seed, SECOND_PATIENT_PANCREAS_FAT, phase=phase)
+        image = tmp / "mr_a_as_ct" / f"{phase}.nii.gz"
+        save_nifti(ct, affine, image)
+        found.append({"name": f"mr_a as CT (seed {seed}), z {MR_A_HELD_OUT}, {phase}", "image": image, "label": label,
+                      "label_map": "schema", "slices": MR_A_HELD_OUT, "group": "second patient", "extra": []})
+    return found
+
+
+def phantom_cases(tmp: Path, phantom_seed: int) -> list[dict]:
+    """Fresh phantoms of unseen seeds, one per contrast phase, on the slices around the pancreas."""
+    found = []
+    for i, phase in enumerate(contrast.PHASES):
         seed = phantom_seed + i
         write_sample_set(tmp, count=1, seed=seed, mr_count=0, slice_mm=3.0, phases=[phase])
         image = tmp / "ct" / f"phantom_{seed:03d}.nii.gz"
@@ -62,6 +100,18 @@ def cases(tmp: Path, phantom_seed: int, groups: str = "all") -> list[dict]:
         found.append({"name": f"phantom seed {seed}, {phase}, z {block.start}-{block.stop - 1}", "image": image,
                       "label": label, "label_map": "schema", "slices": f"{block.start}:{block.stop}",
                       "group": "phantoms", "extra": []})
+    return found
+
+
+def cases(tmp: Path, phantom_seed: int, groups: str = "all") -> list[dict]:
+    """The cases of `groups`: all, real, second or phantoms."""
+    found = []
+    if groups in ("all", "real"):
+        found += real_ct_cases()
+    if groups in ("all", "second"):
+        found += second_patient_cases(tmp)
+    if groups in ("all", "phantoms"):
+        found += phantom_cases(tmp, phantom_seed)
     return found
 
 
@@ -90,8 +140,9 @@ def main() -> None:
     parser.add_argument("--spread", type=float, default=None,
                         help="ProGiDiff's organ-prior logit range across proposals (default: the model's)")
     parser.add_argument("--phantom-seed", type=int, default=9000, help="the first of four phantom seeds")
-    parser.add_argument("--cases", choices=["all", "real", "phantoms"], default="all",
-                        help="real: the real-CT block in every phase only (a quick sweep); phantoms: phantoms only")
+    parser.add_argument("--cases", choices=["all", "real", "second", "phantoms"], default="all",
+                        help="real: the real-CT block in every phase only (a quick sweep); second: the MR patient "
+                             "rendered as CT only; phantoms: phantoms only")
     parser.add_argument("--no-baseline", action="store_true", help="score ProGiDiff alone (a quick sweep)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "default_model.json")
     args = parser.parse_args()
@@ -144,7 +195,7 @@ def print_tables(results: list[dict], organs: list[str]) -> None:
     print("| group | organ | Dice consensus | best-of-N | baseline Dice | consensus ≥ baseline | goal Dice | "
           "reference inside most generous | tightest inside reference | goal bracketing |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for group in ("real CT", "phantoms"):
+    for group in GROUPS:
         rows = [r for r in results if r["group"] == group]
         if not rows:
             continue

@@ -19,6 +19,8 @@ HELD_OUT_SLICES = f"{HELD_OUT.start}:{HELD_OUT.stop}"  # as `progidiff.evaluate 
 HELD_OUT_Z = f"z {HELD_OUT.start}-{HELD_OUT.stop - 1}"  # as the case names print it
 CT_A_FULL = SHARED_DATA / "ct_a_full"  # the same patient at its full z extent; ct_a is its slices 82-111
 HELD_OUT_FULL = slice(HELD_OUT.start + 82, HELD_OUT.stop + 82)  # the block in ct_a_full: the recipe's --hold-out 92:100
+MR_A = SHARED_DATA / "mr_a"  # the labelled MR: another patient, rendered as CT in the recipe's stage 2
+MR_A_HELD_OUT = "5:10,15:20"  # its slices never trained on: the recipe's --pseudo-ct-hold-out, the adapter's
 UNSEEN_ORGANS = ["liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas", "aorta", "inferior_vena_cava"]
 
 

@@ -47,12 +47,10 @@ from progidiff.training import TrainConfig, train_on_volumes
 from progidiff.volume import segment_volume
 
 # bench/held_out.py, beside this script; CT_A_FULL is rendered as pseudo-MR, as in the adapter recipe
-from held_out import CT_A_FULL, SHARED_DATA
+from held_out import CT_A_FULL, MR_A, MR_A_HELD_OUT
 
 ROOT = Path(__file__).resolve().parents[1]
-MR_A = SHARED_DATA / "mr_a"
 ORGANS = ["liver", "spleen", "kidney_left", "kidney_right"]
-RECIPE_HOLD_OUT = "5:10,15:20"  # as in model/README.md's adapter recipe
 logger = logging.getLogger("bench.mr_adaptation")
 
 
@@ -147,7 +145,7 @@ def main() -> None:
         raise SystemExit(f"{MR_A} is absent: the bench scores the real MR's held-out block")
     started = time.time()
     study = load_volume_pair(MR_A / "image.nii.gz", MR_A / "label.nii.gz", "total_mr", spacing=3.0)
-    adaptation, held_out = split_slices(study, parse_ranges(RECIPE_HOLD_OUT))
+    adaptation, held_out = split_slices(study, parse_ranges(MR_A_HELD_OUT))
     cases = {"mr_a held-out block (z 5-9, 15-19)": [held_out],
              f"fresh MR phantoms ({args.phantoms})": [[v] for v in phantom_volumes(args.phantoms, 6100, "mr")]}
 

@@ -12,7 +12,7 @@ from progidiff import contrast, train
 from progidiff.data import Volume, load_volume_pair
 from progidiff.labels import ORGAN_IDS
 from progidiff.phantoms import make_phantom
-from progidiff.pseudo_ct import pseudo_ct_volumes, signal_of_muscle_and_fat
+from progidiff.pseudo_ct import pseudo_ct_volumes, render, signal_of_muscle_and_fat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +51,17 @@ def test_a_phantom_mr_rendered_as_ct_reads_as_ct_of_its_drawn_phase():
         if phase_of(volume) == "non-contrast":
             assert aorta < contrast.UNENHANCED_AORTA_HU
     assert {phase_of(v) for v in renderings} & {"arterial", "portal-venous", "delayed"}
+
+
+def test_a_rendering_can_be_asked_for_in_a_given_phase():
+    """The benches score one rendering per phase, as they do the real CT's block."""
+    phantom = make_phantom(5)
+    aortas = {}
+    for phase in contrast.PHASES:
+        image, drawn = render(phantom.mr.astype(np.float32), phantom.label, (3.0, 3.0, 3.0), seed=7, phase=phase)
+        assert drawn == phase
+        aortas[phase] = float(np.median(image[phantom.label == ORGAN_IDS["aorta"]]))
+    assert aortas["non-contrast"] < contrast.UNENHANCED_AORTA_HU < aortas["portal-venous"] < aortas["arterial"]
 
 
 def test_pancreas_fat_reaches_the_rendered_gland_alone():

@@ -84,11 +84,11 @@ def tissue_of_labels(label: np.ndarray, mr: np.ndarray, spacing: tuple[float, fl
 
 
 def render(mr: np.ndarray, label: np.ndarray, spacing: tuple[float, float, float], seed: int,
-           pancreas_fat: float = 0.0) -> tuple[np.ndarray, str]:
-    """(CT-like HU of the MR `mr` [X, Y, Z] with schema `label`, the contrast phase drawn); `pancreas_fat` as
-    the phantoms' (`phantoms.make_phantom`)."""
+           pancreas_fat: float = 0.0, phase: str | None = None) -> tuple[np.ndarray, str]:
+    """(CT-like HU of the MR `mr` [X, Y, Z] with schema `label`, the contrast phase); `pancreas_fat` as the
+    phantoms' (`phantoms.make_phantom`); `phase` one of `contrast.PHASES` (None: drawn, as training does)."""
     rng = np.random.default_rng(seed)
-    patient = Patient(rng, phase=None, slice_mm=spacing[2], pancreas_fat=pancreas_fat)
+    patient = Patient(rng, phase=phase, slice_mm=spacing[2], pancreas_fat=pancreas_fat)
     body = body_mask(mr, label)
     unlabelled = body & (label == 0)
     if not unlabelled.any():
