@@ -17,7 +17,8 @@ from progidiff.baseline import BaselineSegmenter
 from progidiff.data import SliceDataset, Volume, load_volume_pair, phantom_volumes, split_slices
 from progidiff.labels import ORGAN_IDS, load_class_map, organs_present, to_schema
 from progidiff.model import ProGiDiffModel
-from progidiff.phantoms import PHANTOM_ORGANS, SLICE_MM, make_phantom, pancreas_block, write_sample_set
+from progidiff.phantoms import (AORTA_X, PANCREAS_COURSE, PANCREAS_NECK, PHANTOM_ORGANS, SLICE_MM, PancreasPose,
+                                make_phantom, pancreas_block, write_sample_set)
 from progidiff.training import DiffusionTrainer, TrainConfig, boundary_shift, jitter_boundaries
 
 TINY_ORGANS = ["liver", "spleen", "kidney_left", "aorta"]
@@ -54,6 +55,34 @@ def test_pancreas_fat_lowers_the_glands_hu_and_changes_nothing_else():
     assert drop == pytest.approx(140 * fatty.meta["pancreas_fat"], abs=25)
     far = ~ndimage.binary_dilation(pancreas, iterations=3)  # beyond partial volume and the scanner's blur
     np.testing.assert_allclose(lean.ct[far], fatty.ct[far], atol=3)  # the blur's tails, rounded to HU
+
+
+def test_pancreas_pose_moves_the_glands_course():
+    course = PANCREAS_COURSE
+    np.testing.assert_allclose(PancreasPose().posed(course), course)  # the default is the template's pose
+    head, neck, tail = course[0], course[PANCREAS_NECK], course[-1]
+    posed = PancreasPose(x_scale=0.5, head_z_scale=0.5, body_z_scale=2.0, shift=(0.0, 3.0, 0.0)).posed(course)
+    np.testing.assert_allclose(posed[:, 0] - AORTA_X, (course[:, 0] - AORTA_X) * 0.5)  # halfway to the aorta
+    np.testing.assert_allclose(posed[:, 1], course[:, 1] + 3.0)
+    np.testing.assert_allclose(posed[PANCREAS_NECK, 2] - posed[0, 2], (neck[2] - head[2]) * 0.5)  # a shorter head
+    np.testing.assert_allclose(posed[-1, 2] - posed[PANCREAS_NECK, 2], (tail[2] - neck[2]) * 2.0)  # a steeper body
+
+
+def test_a_posed_pancreas_is_the_same_patient_with_the_gland_elsewhere():
+    # Seed 3 draws a gland 0.6 times the template's distance from the aorta (shapes painted after it differ:
+    # they draw from the seed's stream after the gland's lobules).
+    template, posed = make_phantom(3, phase="non-contrast"), make_phantom(3, phase="non-contrast", pancreas_pose=True)
+    assert template.meta["pancreas_pose"] == {"x_scale": 1.0, "head_z_scale": 1.0, "body_z_scale": 1.0,
+                                              "shift": [0.0, 0.0, 0.0]}
+    assert posed.meta["pancreas_pose"]["x_scale"] == pytest.approx(0.6, abs=0.01)
+    assert {k: v for k, v in posed.meta.items() if k != "pancreas_pose"} == \
+        {k: v for k, v in template.meta.items() if k != "pancreas_pose"}  # phase, size, scanner: the seed's
+
+    def head_right_of_aorta(p):  # voxels, the gland's lowest quarter
+        gland, aorta = np.argwhere(p.label == ORGAN_IDS["pancreas"]), np.argwhere(p.label == ORGAN_IDS["aorta"])
+        return gland[gland[:, 2] <= np.percentile(gland[:, 2], 25), 0].mean() - aorta[:, 0].mean()
+
+    assert 0 < head_right_of_aorta(posed) < 0.8 * head_right_of_aorta(template)
 
 
 def test_sample_set_files_share_geometry(tmp_path):

@@ -12,7 +12,8 @@ variety a model meets on patients it never saw.  Each phantom is one procedurall
   size, pose and a smooth warp, never plain ellipsoids): liver with right, left and caudate lobes under the
   diaphragm and its hepatic and portal veins; spleen with its hilum; stomach along a J with fundus, rugae,
   fluid and a gas-fluid level; duodenal C-loop around the pancreas; pancreas head-body-tail along the
-  splenic vein (lean, or with fat between its lobules: `pancreas_fat`); kidneys with cortex, medulla, sinus
+  splenic vein (lean, or with fat between its lobules: `pancreas_fat`; in the template's pose, or in one
+  drawn per patient with the duodenal C following: `pancreas_pose`); kidneys with cortex, medulla, sinus
   fat and pelvis; adrenal glands; gallbladder; colon with haustra, stool and gas; small-bowel loops; aorta
   with its bifurcation, celiac, SMA and renal arteries; IVC beside it behind the liver, renal veins,
   portal/splenic vein and SMV; bladder when the scan reaches the pelvis;
@@ -30,6 +31,7 @@ TotalSegmentator scans in ../shared.  In-plane spacing is 3 mm (the model's fram
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -109,7 +111,19 @@ PHANTOM_ORGANS: tuple[str, ...] = (
     "vertebrae", "colon", "small_bowel",
 )
 
+AORTA_X = -14.0  # mm, the aorta's axis right-left at the pancreas' level (`paint_vessels`)
+# Pancreas control points: head in the duodenal C, neck over the portal confluence, body over the aorta, tail to
+# the spleen; and the duodenal C around the head.
+PANCREAS_COURSE = np.array([(28, -6, 4), (40, 4, 15), (15, 18, 28), (-10, 16, 35), (-40, 5, 42), (-64, -12, 50),
+                            (-78, -25, 57)], np.float32)
+PANCREAS_NECK = 2
+DUODENUM_COURSE = np.array([(34, 30, 36), (50, 10, 38), (56, -5, 30), (56, -6, -10), (25, -4, -28), (-12, -4, -28),
+                            (-24, 2, -5)], np.float32)
 MAX_PANCREAS_FAT = 0.9  # no voxel of a gland is all fat: it would not be the organ any more
+
+
+PANCREAS_POSE_HELP = ("draw each patient's pancreas pose (closer to the midline or not, a taller or shorter head, a "
+                      "flatter or steeper body; the duodenal C follows) instead of the template's")
 
 
 def pancreas_fat_arg(text: str) -> float:
@@ -129,11 +143,45 @@ class Phantom:
     meta: dict
 
 
+@dataclass(frozen=True)
+class PancreasPose:
+    """Where one patient's pancreas lies against the template's course (the identity by default).
+
+    Real glands sit closer to the midline than the template's and vary in how tall the head is and how steeply
+    body and tail rise (`ct_a_full`: head 32-35 mm right of the aorta, a tall head and a near-flat body;
+    `mr_a`: 25-29 mm, a short head and a steep body; phantoms 1000-1007 in the template's pose: 39-70 mm).
+    Drawn poses cover both, so that a model has to find the gland rather than its usual place."""
+
+    x_scale: float = 1.0  # right-left distances from the aorta's axis, of the gland and the duodenal C around it
+    head_z_scale: float = 1.0  # the head's height, from its lowest point to the neck
+    body_z_scale: float = 1.0  # the rise of body and tail beyond the neck
+    shift: tuple[float, float, float] = (0.0, 0.0, 0.0)  # mm, the whole gland
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> PancreasPose:
+        return cls(float(rng.uniform(0.55, 1.05)), float(rng.uniform(0.5, 1.3)), float(rng.uniform(0.3, 1.3)),
+                   tuple(float(v) for v in rng.normal(0, [4, 5, 8])))
+
+    def moved_in_x(self, points: np.ndarray) -> np.ndarray:
+        """`points` with their right-left distance from the aorta's axis scaled (the duodenum follows the head)."""
+        out = points.copy()
+        out[:, 0] = AORTA_X + (points[:, 0] - AORTA_X) * self.x_scale
+        return out
+
+    def posed(self, course: np.ndarray) -> np.ndarray:
+        """The gland's control points (head first, `PANCREAS_NECK` the neck) in this pose."""
+        out = self.moved_in_x(course)
+        z0, neck = course[0, 2], course[PANCREAS_NECK, 2]
+        head_z = z0 + (np.minimum(course[:, 2], neck) - z0) * self.head_z_scale
+        out[:, 2] = head_z + np.maximum(course[:, 2] - neck, 0) * self.body_z_scale
+        return out + np.asarray(self.shift, np.float32)
+
+
 class Patient:
     """The draws that make one patient and one acquisition, and the tissue values they imply."""
 
     def __init__(self, rng: np.random.Generator, phase: str | None, slice_mm: float | None,
-                 pancreas_fat: float = 0.0):
+                 pancreas_fat: float = 0.0, pancreas_pose: bool = False):
         self.rng = rng
         self.phase = phase or contrast.draw_phase(rng)
         self.hu = contrast.draw_tissue_hu(rng, self.phase)
@@ -159,6 +207,8 @@ class Patient:
         # Its own stream, so that every other draw of a seed stays what it was.
         self._pancreas_rng = rng.spawn(1)[0]
         self.pancreas_fat = float(self._pancreas_rng.uniform(0.0, pancreas_fat)) if pancreas_fat > 0 else 0.0
+        # The gland's pose (a stream of its own too): the template's, or drawn per patient.
+        self.pancreas_pose = PancreasPose.draw(rng.spawn(1)[0]) if pancreas_pose else PancreasPose()
 
     def pancreas_fat_share(self, shape: tuple[int, ...]) -> np.ndarray:
         """Share of fat in each voxel of a pancreas region of `shape`: the patient's mean, patchy between lobules
@@ -394,8 +444,7 @@ def paint_stomach_and_duodenum(p: Painter) -> None:
             gas = inside & (canvas.world_y[box] > level)
             ct, mr = p.patient.value("gas")
             canvas.ct[box][gas], canvas.mr[box][gas], canvas.texture[box][gas] = ct, mr, 0.0
-    duodenum = wobble(rng, [(34, 30, 36), (50, 10, 38), (56, -5, 30), (56, -6, -10), (25, -4, -28), (-12, -4, -28),
-                            (-24, 2, -5)], 3)
+    duodenum = wobble(rng, p.patient.pancreas_pose.moved_in_x(DUODENUM_COURSE), 3)
     paint_hollow_tube(p, duodenum, np.full(len(duodenum), rng.uniform(11, 15), np.float32), "duodenum",
                       content="bowel_fluid", gas_share=0.4)
 
@@ -446,9 +495,8 @@ def paint_solid_organs(p: Painter) -> None:
         p.tissue(box, np.maximum(sinus, kidney), "fat")
         pelvis = ellipsoid((x, y, z), hilum_at + np.array([-side * 4, 2, -5]), (8, 6, 18), turn)
         p.tissue(box, pelvis, "renal_pelvis", organ, clip=True)
-    # Pancreas: head in the duodenal C, neck over the portal confluence, body over the aorta, tail to the spleen.
-    pancreas = wobble(rng, [(28, -6, 4), (40, 4, 15), (15, 18, 28), (-10, 16, 35), (-40, 5, 42), (-64, -12, 50),
-                            (-78, -25, 57)], 3)
+    # Pancreas along its course, in this patient's pose.
+    pancreas = wobble(rng, p.patient.pancreas_pose.posed(PANCREAS_COURSE), 3)
     radii = np.array([9, 15, 10, 11, 10, 9, 6], np.float32) * rng.uniform(0.85, 1.15)
     box = canvas.box(pancreas.min(axis=0) - 20, pancreas.max(axis=0) + 20)
     x, y, z = canvas.coords(box)
@@ -603,15 +651,17 @@ def acquire(canvas: Canvas, patient: Patient, rng: np.random.Generator) -> tuple
 
 
 def make_phantom(seed: int, phase: str | None = None, slice_mm: float | None = None,
-                 pancreas_fat: float = 0.0) -> Phantom:
+                 pancreas_fat: float = 0.0, pancreas_pose: bool = False) -> Phantom:
     """One synthetic patient: CT, MR twin and schema label map, deterministic in `seed`.
 
     `phase` (one of `contrast.PHASES`) and `slice_mm` fix what is otherwise drawn from the seed; `pancreas_fat`
-    > 0 infiltrates the pancreas with fat, its mean share drawn up to that (labels and other tissues unchanged)."""
+    > 0 infiltrates the pancreas with fat, its mean share drawn up to that (labels and other tissues unchanged);
+    `pancreas_pose` draws the gland's pose (`PancreasPose`) instead of keeping the template's (the shapes painted
+    after it then draw differently from the seed's stream: beyond its `Patient` draws, another patient)."""
     if phase is not None and phase not in contrast.PHASES:
         raise ValueError(f"unknown phase {phase!r}; expected one of {contrast.PHASES}")
     rng = np.random.default_rng(seed)
-    patient = Patient(rng, phase, slice_mm, pancreas_fat)
+    patient = Patient(rng, phase, slice_mm, pancreas_fat, pancreas_pose)
     # The scan covers the abdomen from above the liver's dome to below the kidneys, with margins.
     z_low, z_high = -50.0 - rng.uniform(0, 30), 140.0 + rng.uniform(0, 25)
     side = int(round(rng.uniform(340, 480) / IN_PLANE_MM))  # a square field of view, as CT reconstructs
@@ -638,7 +688,8 @@ def make_phantom(seed: int, phase: str | None = None, slice_mm: float | None = N
             "mr_sequence": patient.sequence, "slice_mm": patient.slice_mm, "scale": round(float(patient.scale.mean()), 3),
             "subcutaneous_fat_mm": round(float(patient.fat), 1), "arms_at_sides": patient.arms,
             "table": patient.table, "kernel": "sharp" if patient.sharp_kernel else "smooth",
-            "noise_hu": round(float(patient.noise_hu), 1), "pancreas_fat": round(patient.pancreas_fat, 3)}
+            "noise_hu": round(float(patient.noise_hu), 1), "pancreas_fat": round(patient.pancreas_fat, 3),
+            "pancreas_pose": {k: np.round(v, 2).tolist() for k, v in dataclasses.asdict(patient.pancreas_pose).items()}}
     return Phantom(
         ct=np.clip(ct, -1024, 3071).astype(np.int16),
         mr=np.clip(mr, 0, 4000).astype(np.int16),
@@ -663,14 +714,16 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def write_sample_set(out: Path, count: int, seed: int, mr_count: int, slice_mm: float | None = None,
-                     phases: list[str] | None = None, pancreas_fat: float = 0.0) -> list[str]:
+                     phases: list[str] | None = None, pancreas_fat: float = 0.0,
+                     pancreas_pose: bool = False) -> list[str]:
     """CT studies in `out/ct` (labels in `out/ct/labels/final`), MR twins in `out/mr` likewise.
-    `phases`: the contrast phase of each study in turn (default: drawn from its seed); `pancreas_fat`: see
-    `make_phantom`."""
+    `phases`: the contrast phase of each study in turn (default: drawn from its seed); `pancreas_fat` and
+    `pancreas_pose`: see `make_phantom`."""
     names = []
     for i in range(count):
         phase = phases[i % len(phases)] if phases else None
-        phantom = make_phantom(seed + i, phase=phase, slice_mm=slice_mm, pancreas_fat=pancreas_fat)
+        phantom = make_phantom(seed + i, phase=phase, slice_mm=slice_mm, pancreas_fat=pancreas_fat,
+                               pancreas_pose=pancreas_pose)
         name = f"phantom_{seed + i:03d}"
         save_nifti(phantom.ct, phantom.affine, out / "ct" / f"{name}.nii.gz")
         save_nifti(phantom.label, phantom.affine, out / "ct" / "labels" / "final" / f"{name}.nii.gz")
@@ -697,10 +750,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pancreas-fat", type=pancreas_fat_arg, default=0.0, metavar="SHARE",
                         help="fat between the pancreas' lobules: each patient's mean share drawn from 0 to SHARE "
                              "(default 0: lean glands)")
+    parser.add_argument("--pancreas-pose", action="store_true", help=PANCREAS_POSE_HELP)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     phases = [s.strip() for s in args.phases.split(",") if s.strip()] or None
-    write_sample_set(args.out, args.count, args.seed, args.mr_count, args.slice_mm, phases, args.pancreas_fat)
+    write_sample_set(args.out, args.count, args.seed, args.mr_count, args.slice_mm, phases, args.pancreas_fat,
+                     args.pancreas_pose)
 
 
 if __name__ == "__main__":
