@@ -76,18 +76,20 @@ def normalised(volume: Volume, normalisation: PercentileNormalisation | None) ->
 
 
 def phantom_volume(seed: int, modality: str = "ct", phase: str | None = None, pancreas_fat: float = 0.0,
-                   pancreas_pose: bool = False) -> Volume:
-    p = make_phantom(seed, phase=phase, pancreas_fat=pancreas_fat, pancreas_pose=pancreas_pose)
+                   pancreas_pose: bool = False, pancreas_bed: bool = False) -> Volume:
+    p = make_phantom(seed, phase=phase, pancreas_fat=pancreas_fat, pancreas_pose=pancreas_pose,
+                     pancreas_bed=pancreas_bed)
     image = (p.ct if modality == "ct" else p.mr).astype(np.float32)
     return Volume(image, p.label, f"phantom_{seed}", tuple(np.diag(p.affine)[:3]))
 
 
 def phantom_volumes(count: int, seed: int, modality: str = "ct", phases: list[str] | None = None,
-                    workers: int = 1, pancreas_fat: float = 0.0, pancreas_pose: bool = False) -> list[Volume]:
+                    workers: int = 1, pancreas_fat: float = 0.0, pancreas_pose: bool = False,
+                    pancreas_bed: bool = False) -> list[Volume]:
     """`count` phantoms from `seed` on; `phases`: each one's contrast phase in turn (default: drawn).
     `workers` > 1 makes them in that many processes (a phantom takes 1-3 s; the same volumes either way).
-    `pancreas_fat`, `pancreas_pose`: see `make_phantom`."""
-    jobs = [(seed + i, modality, phases[i % len(phases)] if phases else None, pancreas_fat, pancreas_pose)
+    `pancreas_fat`, `pancreas_pose`, `pancreas_bed`: see `make_phantom`."""
+    jobs = [(seed + i, modality, phases[i % len(phases)] if phases else None, pancreas_fat, pancreas_pose, pancreas_bed)
             for i in range(count)]
     if workers <= 1 or count < 2 * workers:
         return [phantom_volume(*job) for job in jobs]

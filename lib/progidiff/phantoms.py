@@ -122,6 +122,9 @@ DUODENUM_COURSE = np.array([(34, 30, 36), (50, 10, 38), (56, -5, 30), (56, -6, -
 MAX_PANCREAS_FAT = 0.9  # no voxel of a gland is all fat: it would not be the organ any more
 
 
+PANCREAS_BED_HELP = ("lay each patient's pancreas in retroperitoneal fat 4-12 mm deep, which keeps the solid organs "
+                     "and bowel off the gland (duodenum, stomach and vessels as they were), instead of packing it "
+                     "among its neighbours")
 PANCREAS_POSE_HELP = ("draw each patient's pancreas pose (closer to the midline or not, a taller or shorter head, a "
                       "flatter or steeper body; the duodenal C follows) instead of the template's")
 
@@ -181,7 +184,7 @@ class Patient:
     """The draws that make one patient and one acquisition, and the tissue values they imply."""
 
     def __init__(self, rng: np.random.Generator, phase: str | None, slice_mm: float | None,
-                 pancreas_fat: float = 0.0, pancreas_pose: bool = False):
+                 pancreas_fat: float = 0.0, pancreas_pose: bool = False, pancreas_bed: bool = False):
         self.rng = rng
         self.phase = phase or contrast.draw_phase(rng)
         self.hu = contrast.draw_tissue_hu(rng, self.phase)
@@ -209,6 +212,10 @@ class Patient:
         self.pancreas_fat = float(self._pancreas_rng.uniform(0.0, pancreas_fat)) if pancreas_fat > 0 else 0.0
         # The gland's pose (a stream of its own too): the template's, or drawn per patient.
         self.pancreas_pose = PancreasPose.draw(rng.spawn(1)[0]) if pancreas_pose else PancreasPose()
+        # The depth (mm) of the fat bed around the gland (0: none; a stream of its own as well). Real glands lie in
+        # retroperitoneal fat (`ct_a_full`: 58 % of the 4 mm around the gland below -40 HU, 94 % unlabelled), where
+        # the template's gland touches liver, gallbladder and bowel (26-41 % below -40 HU; phantoms 1000, 1001, 1003).
+        self.pancreas_bed_mm = float(rng.spawn(1)[0].uniform(4.0, 12.0)) if pancreas_bed else 0.0
 
     def pancreas_fat_share(self, shape: tuple[int, ...]) -> np.ndarray:
         """Share of fat in each voxel of a pancreas region of `shape`: the patient's mean, patchy between lobules
@@ -501,7 +508,11 @@ def paint_solid_organs(p: Painter) -> None:
     box = canvas.box(pancreas.min(axis=0) - 20, pancreas.max(axis=0) + 20)
     x, y, z = canvas.coords(box)
     lobules = 2.5 * smooth_field(rng, x.shape, 1.0)
-    gland = p.tissue(box, tube((x, y, z), pancreas, radii) + lobules, "pancreas", "pancreas", clip=True)
+    gland_sd = tube((x, y, z), pancreas, radii) + lobules
+    if p.patient.pancreas_bed_mm > 0:  # unlabelled fat around it; the duodenal C and the stomach keep their walls
+        hollow = np.isin(canvas.label[box], [ORGAN_IDS["duodenum"], ORGAN_IDS["stomach"]])
+        p.tissue(box, np.where(hollow, np.float32(1e3), gland_sd - p.patient.pancreas_bed_mm), "visceral_fat", clip=True)
+    gland = p.tissue(box, gland_sd, "pancreas", "pancreas", clip=True)
     fat_ct, fat_mr = p.patient.value("fat")
     canvas.paint(box, gland * p.patient.pancreas_fat_share(gland.shape), fat_ct, fat_mr, texture=texture_of("fat"),
                  keep_label=True)
@@ -651,17 +662,18 @@ def acquire(canvas: Canvas, patient: Patient, rng: np.random.Generator) -> tuple
 
 
 def make_phantom(seed: int, phase: str | None = None, slice_mm: float | None = None,
-                 pancreas_fat: float = 0.0, pancreas_pose: bool = False) -> Phantom:
+                 pancreas_fat: float = 0.0, pancreas_pose: bool = False, pancreas_bed: bool = False) -> Phantom:
     """One synthetic patient: CT, MR twin and schema label map, deterministic in `seed`.
 
     `phase` (one of `contrast.PHASES`) and `slice_mm` fix what is otherwise drawn from the seed; `pancreas_fat`
     > 0 infiltrates the pancreas with fat, its mean share drawn up to that (labels and other tissues unchanged);
     `pancreas_pose` draws the gland's pose (`PancreasPose`) instead of keeping the template's (the shapes painted
-    after it then draw differently from the seed's stream: beyond its `Patient` draws, another patient)."""
+    after it then draw differently from the seed's stream: beyond its `Patient` draws, another patient);
+    `pancreas_bed` lays the gland in retroperitoneal fat (`PANCREAS_BED_HELP`)."""
     if phase is not None and phase not in contrast.PHASES:
         raise ValueError(f"unknown phase {phase!r}; expected one of {contrast.PHASES}")
     rng = np.random.default_rng(seed)
-    patient = Patient(rng, phase, slice_mm, pancreas_fat, pancreas_pose)
+    patient = Patient(rng, phase, slice_mm, pancreas_fat, pancreas_pose, pancreas_bed)
     # The scan covers the abdomen from above the liver's dome to below the kidneys, with margins.
     z_low, z_high = -50.0 - rng.uniform(0, 30), 140.0 + rng.uniform(0, 25)
     side = int(round(rng.uniform(340, 480) / IN_PLANE_MM))  # a square field of view, as CT reconstructs
@@ -689,7 +701,8 @@ def make_phantom(seed: int, phase: str | None = None, slice_mm: float | None = N
             "subcutaneous_fat_mm": round(float(patient.fat), 1), "arms_at_sides": patient.arms,
             "table": patient.table, "kernel": "sharp" if patient.sharp_kernel else "smooth",
             "noise_hu": round(float(patient.noise_hu), 1), "pancreas_fat": round(patient.pancreas_fat, 3),
-            "pancreas_pose": {k: np.round(v, 2).tolist() for k, v in dataclasses.asdict(patient.pancreas_pose).items()}}
+            "pancreas_pose": {k: np.round(v, 2).tolist() for k, v in dataclasses.asdict(patient.pancreas_pose).items()},
+            "pancreas_bed_mm": round(patient.pancreas_bed_mm, 1)}
     return Phantom(
         ct=np.clip(ct, -1024, 3071).astype(np.int16),
         mr=np.clip(mr, 0, 4000).astype(np.int16),
@@ -715,15 +728,15 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 def write_sample_set(out: Path, count: int, seed: int, mr_count: int, slice_mm: float | None = None,
                      phases: list[str] | None = None, pancreas_fat: float = 0.0,
-                     pancreas_pose: bool = False) -> list[str]:
+                     pancreas_pose: bool = False, pancreas_bed: bool = False) -> list[str]:
     """CT studies in `out/ct` (labels in `out/ct/labels/final`), MR twins in `out/mr` likewise.
-    `phases`: the contrast phase of each study in turn (default: drawn from its seed); `pancreas_fat` and
-    `pancreas_pose`: see `make_phantom`."""
+    `phases`: the contrast phase of each study in turn (default: drawn from its seed); `pancreas_fat`,
+    `pancreas_pose` and `pancreas_bed`: see `make_phantom`."""
     names = []
     for i in range(count):
         phase = phases[i % len(phases)] if phases else None
         phantom = make_phantom(seed + i, phase=phase, slice_mm=slice_mm, pancreas_fat=pancreas_fat,
-                               pancreas_pose=pancreas_pose)
+                               pancreas_pose=pancreas_pose, pancreas_bed=pancreas_bed)
         name = f"phantom_{seed + i:03d}"
         save_nifti(phantom.ct, phantom.affine, out / "ct" / f"{name}.nii.gz")
         save_nifti(phantom.label, phantom.affine, out / "ct" / "labels" / "final" / f"{name}.nii.gz")
@@ -751,11 +764,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="fat between the pancreas' lobules: each patient's mean share drawn from 0 to SHARE "
                              "(default 0: lean glands)")
     parser.add_argument("--pancreas-pose", action="store_true", help=PANCREAS_POSE_HELP)
+    parser.add_argument("--pancreas-bed", action="store_true", help=PANCREAS_BED_HELP)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     phases = [s.strip() for s in args.phases.split(",") if s.strip()] or None
     write_sample_set(args.out, args.count, args.seed, args.mr_count, args.slice_mm, phases, args.pancreas_fat,
-                     args.pancreas_pose)
+                     args.pancreas_pose, args.pancreas_bed)
 
 
 if __name__ == "__main__":
