@@ -85,6 +85,24 @@ def test_a_posed_pancreas_is_the_same_patient_with_the_gland_elsewhere():
     assert 0 < head_right_of_aorta(posed) < 0.8 * head_right_of_aorta(template)
 
 
+def test_a_pancreas_bed_lays_the_same_gland_in_fat():
+    packed, bedded = make_phantom(3, phase="non-contrast"), make_phantom(3, phase="non-contrast", pancreas_bed=True)
+    assert packed.meta["pancreas_bed_mm"] == 0 and 4 <= bedded.meta["pancreas_bed_mm"] <= 12
+    gland = packed.label == ORGAN_IDS["pancreas"]
+    np.testing.assert_array_equal(bedded.label == ORGAN_IDS["pancreas"], gland)  # the same gland, the same patient
+    spacing = np.abs(np.diag(packed.affine)[:3])
+    around = (ndimage.distance_transform_edt(~gland, sampling=spacing) <= 4) & ~gland
+
+    def fat_share(p):  # of the voxels within 4 mm of the gland, those that read as fat
+        return float(np.mean(p.ct[around] < -40))
+
+    assert fat_share(bedded) > 0.45 and fat_share(bedded) > fat_share(packed) + 0.15
+    solid = [ORGAN_IDS[o] for o in ("liver", "gallbladder", "spleen", "kidney_right", "kidney_left")]
+    assert np.isin(bedded.label[around], solid).mean() < 0.5 * np.isin(packed.label[around], solid).mean()
+    for hollow in ("duodenum", "stomach"):  # their walls are kept
+        assert (bedded.label == ORGAN_IDS[hollow]).sum() == (packed.label == ORGAN_IDS[hollow]).sum()
+
+
 def test_sample_set_files_share_geometry(tmp_path):
     write_sample_set(tmp_path, count=1, seed=7, mr_count=1)
     image = nib.load(tmp_path / "ct" / "phantom_007.nii.gz")
