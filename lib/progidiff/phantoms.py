@@ -13,7 +13,8 @@ variety a model meets on patients it never saw.  Each phantom is one procedurall
   diaphragm and its hepatic and portal veins; spleen with its hilum; stomach along a J with fundus, rugae,
   fluid and a gas-fluid level; duodenal C-loop around the pancreas; pancreas head-body-tail along the
   splenic vein (lean, or with fat between its lobules: `pancreas_fat`; in the template's pose, or in one
-  drawn per patient with the duodenal C following: `pancreas_pose`); kidneys with cortex, medulla, sinus
+  drawn per patient with the duodenal C following: `pancreas_pose`; packed among its neighbours, or in a
+  bed of retroperitoneal fat: `pancreas_bed`); kidneys with cortex, medulla, sinus
   fat and pelvis; adrenal glands; gallbladder; colon with haustra, stool and gas; small-bowel loops; aorta
   with its bifurcation, celiac, SMA and renal arteries; IVC beside it behind the liver, renal veins,
   portal/splenic vein and SMV; bladder when the scan reaches the pelvis;
