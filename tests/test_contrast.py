@@ -9,7 +9,7 @@ from scipy import ndimage
 from progidiff import contrast
 from progidiff.data import SliceDataset, Volume
 from progidiff.labels import ORGAN_IDS
-from progidiff.phantoms import Patient, make_phantom
+from progidiff.phantoms import PancreasVariant, Patient, make_phantom
 
 AORTA = ORGAN_IDS["aorta"]
 
@@ -78,7 +78,7 @@ def test_simulating_a_phase_moves_organs_and_keeps_the_rest(unenhanced):
 @pytest.fixture(scope="module")
 def fatty():
     """A non-contrast phantom whose pancreas carries fat between its lobules (mean share 0.71)."""
-    p = make_phantom(25, phase="non-contrast", slice_mm=5.0, pancreas_fat=0.8)
+    p = make_phantom(25, phase="non-contrast", slice_mm=5.0, pancreas=PancreasVariant(fat=0.8))
     assert p.meta["pancreas_fat"] > 0.6
     return p
 

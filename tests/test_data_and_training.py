@@ -18,7 +18,7 @@ from progidiff.data import SliceDataset, Volume, load_volume_pair, phantom_volum
 from progidiff.labels import ORGAN_IDS, load_class_map, organs_present, to_schema
 from progidiff.model import ProGiDiffModel
 from progidiff.phantoms import (AORTA_X, PANCREAS_COURSE, PANCREAS_NECK, PHANTOM_ORGANS, SLICE_MM, PancreasPose,
-                                make_phantom, pancreas_block, write_sample_set)
+                                PancreasVariant, make_phantom, pancreas_block, write_sample_set)
 from progidiff.training import DiffusionTrainer, TrainConfig, boundary_shift, jitter_boundaries
 
 TINY_ORGANS = ["liver", "spleen", "kidney_left", "aorta"]
@@ -46,7 +46,7 @@ def test_phantom_anatomy_and_intensities():
 
 
 def test_pancreas_fat_lowers_the_glands_hu_and_changes_nothing_else():
-    lean, fatty = make_phantom(6, phase="non-contrast"), make_phantom(6, phase="non-contrast", pancreas_fat=0.6)
+    lean, fatty = make_phantom(6, phase="non-contrast"), make_phantom(6, phase="non-contrast", pancreas=PancreasVariant(fat=0.6))
     pancreas = lean.label == ORGAN_IDS["pancreas"]
     assert np.array_equal(lean.label, fatty.label) and lean.meta["pancreas_fat"] == 0
     assert 0 < fatty.meta["pancreas_fat"] <= 0.6
@@ -71,7 +71,7 @@ def test_pancreas_pose_moves_the_glands_course():
 def test_a_posed_pancreas_is_the_same_patient_with_the_gland_elsewhere():
     # Seed 3 draws a gland 0.6 times the template's distance from the aorta (shapes painted after it differ:
     # they draw from the seed's stream after the gland's lobules).
-    template, posed = make_phantom(3, phase="non-contrast"), make_phantom(3, phase="non-contrast", pancreas_pose=True)
+    template, posed = make_phantom(3, phase="non-contrast"), make_phantom(3, phase="non-contrast", pancreas=PancreasVariant(pose=True))
     assert template.meta["pancreas_pose"] == {"x_scale": 1.0, "head_z_scale": 1.0, "body_z_scale": 1.0,
                                               "shift": [0.0, 0.0, 0.0]}
     assert posed.meta["pancreas_pose"]["x_scale"] == pytest.approx(0.6, abs=0.01)
@@ -86,7 +86,7 @@ def test_a_posed_pancreas_is_the_same_patient_with_the_gland_elsewhere():
 
 
 def test_a_pancreas_bed_lays_the_same_gland_in_fat():
-    packed, bedded = make_phantom(3, phase="non-contrast"), make_phantom(3, phase="non-contrast", pancreas_bed=True)
+    packed, bedded = make_phantom(3, phase="non-contrast"), make_phantom(3, phase="non-contrast", pancreas=PancreasVariant(bed=True))
     assert packed.meta["pancreas_bed_mm"] == 0 and 4 <= bedded.meta["pancreas_bed_mm"] <= 12
     gland = packed.label == ORGAN_IDS["pancreas"]
     np.testing.assert_array_equal(bedded.label == ORGAN_IDS["pancreas"], gland)  # the same gland, the same patient

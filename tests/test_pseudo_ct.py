@@ -107,7 +107,7 @@ def test_the_cli_trains_a_ct_model_on_renderings_of_an_mr_without_its_held_out_s
 def test_the_cli_refuses_pseudo_ct_for_an_mr_training_and_weights_above_one(tmp_path, capsys):
     for extra, message in ((["--modality", "mr"], "--pseudo-ct renders an MR as CT"),
                            (["--real-weight", "0.7", "--pseudo-ct-weight", "0.4"], "must be at most 1"),
-                           (["--pancreas-fat", "0.95"], "0.95: give a fat share from 0")):
+                           (["--pancreas-fat", "0.95"], "pancreas fat share 0.95: give a share from 0")):
         with pytest.raises(SystemExit):
             train.main(["--out", str(tmp_path / "run"), "--pseudo-ct", "mr.nii.gz", "label.nii.gz", "schema",
                         *extra])

@@ -26,7 +26,7 @@ from . import contrast
 from .geometry import to_square
 from .intensity import PercentileNormalisation
 from .labels import ORGAN_IDS, load_class_map, organs_present, to_schema
-from .phantoms import make_phantom
+from .phantoms import PancreasVariant, make_phantom
 from .prompts import ORGAN_SYNONYMS, organ_text
 from .volume import context_indices, loading_transforms
 
@@ -75,22 +75,19 @@ def normalised(volume: Volume, normalisation: PercentileNormalisation | None) ->
     return dataclasses.replace(volume, image=normalisation(volume.image))
 
 
-def phantom_volume(seed: int, modality: str = "ct", phase: str | None = None, pancreas_fat: float = 0.0,
-                   pancreas_pose: bool = False, pancreas_bed: bool = False) -> Volume:
-    p = make_phantom(seed, phase=phase, pancreas_fat=pancreas_fat, pancreas_pose=pancreas_pose,
-                     pancreas_bed=pancreas_bed)
+def phantom_volume(seed: int, modality: str = "ct", phase: str | None = None,
+                   pancreas: PancreasVariant = PancreasVariant()) -> Volume:
+    p = make_phantom(seed, phase=phase, pancreas=pancreas)
     image = (p.ct if modality == "ct" else p.mr).astype(np.float32)
     return Volume(image, p.label, f"phantom_{seed}", tuple(np.diag(p.affine)[:3]))
 
 
 def phantom_volumes(count: int, seed: int, modality: str = "ct", phases: list[str] | None = None,
-                    workers: int = 1, pancreas_fat: float = 0.0, pancreas_pose: bool = False,
-                    pancreas_bed: bool = False) -> list[Volume]:
+                    workers: int = 1, pancreas: PancreasVariant = PancreasVariant()) -> list[Volume]:
     """`count` phantoms from `seed` on; `phases`: each one's contrast phase in turn (default: drawn).
     `workers` > 1 makes them in that many processes (a phantom takes 1-3 s; the same volumes either way).
-    `pancreas_fat`, `pancreas_pose`, `pancreas_bed`: see `make_phantom`."""
-    jobs = [(seed + i, modality, phases[i % len(phases)] if phases else None, pancreas_fat, pancreas_pose, pancreas_bed)
-            for i in range(count)]
+    `pancreas`: see `make_phantom`."""
+    jobs = [(seed + i, modality, phases[i % len(phases)] if phases else None, pancreas) for i in range(count)]
     if workers <= 1 or count < 2 * workers:
         return [phantom_volume(*job) for job in jobs]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:

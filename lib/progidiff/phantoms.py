@@ -12,9 +12,9 @@ variety a model meets on patients it never saw.  Each phantom is one procedurall
   size, pose and a smooth warp, never plain ellipsoids): liver with right, left and caudate lobes under the
   diaphragm and its hepatic and portal veins; spleen with its hilum; stomach along a J with fundus, rugae,
   fluid and a gas-fluid level; duodenal C-loop around the pancreas; pancreas head-body-tail along the
-  splenic vein (lean, or with fat between its lobules: `pancreas_fat`; in the template's pose, or in one
-  drawn per patient with the duodenal C following: `pancreas_pose`; packed among its neighbours, or in a
-  bed of retroperitoneal fat: `pancreas_bed`); kidneys with cortex, medulla, sinus
+  splenic vein (`PancreasVariant`: lean, or with fat between its lobules; in the template's pose, or in one
+  drawn per patient with the duodenal C following; packed among its neighbours, or in a bed of
+  retroperitoneal fat); kidneys with cortex, medulla, sinus
   fat and pelvis; adrenal glands; gallbladder; colon with haustra, stool and gas; small-bowel loops; aorta
   with its bifurcation, celiac, SMA and renal arteries; IVC beside it behind the liver, renal veins,
   portal/splenic vein and SMV; bladder when the scan reaches the pelvis;
@@ -123,19 +123,47 @@ DUODENUM_COURSE = np.array([(34, 30, 36), (50, 10, 38), (56, -5, 30), (56, -6, -
 MAX_PANCREAS_FAT = 0.9  # no voxel of a gland is all fat: it would not be the organ any more
 
 
-PANCREAS_BED_HELP = ("lay each patient's pancreas in retroperitoneal fat 4-12 mm deep, which keeps the solid organs "
-                     "and bowel off the gland (duodenum, stomach and vessels as they were), instead of packing it "
-                     "among its neighbours")
-PANCREAS_POSE_HELP = ("draw each patient's pancreas pose (closer to the midline or not, a taller or shorter head, a "
-                      "flatter or steeper body; the duodenal C follows) instead of the template's")
+@dataclass(frozen=True)
+class PancreasVariant:
+    """How the phantoms' pancreas departs from the template's lean gland packed among its neighbours; the default,
+    all off, makes the default phantoms. One value travels from the command line to `Patient`."""
+
+    fat: float = 0.0  # fat between the lobules: each patient's mean share drawn from 0 to this (0: lean)
+    pose: bool = False  # each patient's pose drawn (`PancreasPose.draw`) instead of the template's
+    bed: bool = False  # the gland laid in retroperitoneal fat 4-12 mm deep instead of among its neighbours
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fat < MAX_PANCREAS_FAT:
+            raise ValueError(f"pancreas fat share {self.fat}: give a share from 0 (lean) up to below "
+                             f"{MAX_PANCREAS_FAT}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> PancreasVariant:
+        """The variant that `add_pancreas_arguments`' flags ask for."""
+        return cls(args.pancreas_fat, args.pancreas_pose, args.pancreas_bed)
 
 
 def pancreas_fat_arg(text: str) -> float:
     """The argparse type of `--pancreas-fat`: a share from 0 (lean glands) up to below `MAX_PANCREAS_FAT`."""
-    share = float(text)
-    if not 0 <= share < MAX_PANCREAS_FAT:
-        raise argparse.ArgumentTypeError(f"{text}: give a fat share from 0 (lean) up to below {MAX_PANCREAS_FAT}")
-    return share
+    try:
+        return PancreasVariant(fat=float(text)).fat
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_pancreas_arguments(parser: argparse.ArgumentParser, fat_reaches: str = "the phantoms") -> None:
+    """`--pancreas-fat`, `--pancreas-pose` and `--pancreas-bed` (read back with `PancreasVariant.from_args`)."""
+    parser.add_argument("--pancreas-fat", type=pancreas_fat_arg, default=0.0, metavar="SHARE",
+                        help=f"fat between the pancreas' lobules in {fat_reaches}: each patient's mean share drawn "
+                             "from 0 to SHARE (default 0: lean glands; a real gland at 3 mm often reads near 0 HU)")
+    parser.add_argument("--pancreas-pose", action="store_true",
+                        help="draw each phantom patient's pancreas pose (closer to the midline or not, a taller or "
+                             "shorter head, a flatter or steeper body; the duodenal C follows) instead of the "
+                             "template's")
+    parser.add_argument("--pancreas-bed", action="store_true",
+                        help="lay each phantom patient's pancreas in retroperitoneal fat 4-12 mm deep, which keeps "
+                             "the solid organs and bowel off the gland (duodenum, stomach and vessels as they were), "
+                             "instead of packing it among its neighbours")
 
 
 @dataclass
@@ -185,7 +213,7 @@ class Patient:
     """The draws that make one patient and one acquisition, and the tissue values they imply."""
 
     def __init__(self, rng: np.random.Generator, phase: str | None, slice_mm: float | None,
-                 pancreas_fat: float = 0.0, pancreas_pose: bool = False, pancreas_bed: bool = False):
+                 pancreas: PancreasVariant = PancreasVariant()):
         self.rng = rng
         self.phase = phase or contrast.draw_phase(rng)
         self.hu = contrast.draw_tissue_hu(rng, self.phase)
@@ -207,16 +235,16 @@ class Patient:
         self.sharp_kernel = rng.random() < 0.4
         self.noise_hu = rng.uniform(6, 22) * (1 + self.fat / 60)
         self.values: dict[str, tuple[float, float]] = {}
-        # Fatty infiltration of the pancreas: the gland's mean fat share, drawn up to `pancreas_fat` (0: lean).
+        # Fatty infiltration of the pancreas: the gland's mean fat share, drawn up to `pancreas.fat` (0: lean).
         # Its own stream, so that every other draw of a seed stays what it was.
         self._pancreas_rng = rng.spawn(1)[0]
-        self.pancreas_fat = float(self._pancreas_rng.uniform(0.0, pancreas_fat)) if pancreas_fat > 0 else 0.0
+        self.pancreas_fat = float(self._pancreas_rng.uniform(0.0, pancreas.fat)) if pancreas.fat > 0 else 0.0
         # The gland's pose (a stream of its own too): the template's, or drawn per patient.
-        self.pancreas_pose = PancreasPose.draw(rng.spawn(1)[0]) if pancreas_pose else PancreasPose()
+        self.pancreas_pose = PancreasPose.draw(rng.spawn(1)[0]) if pancreas.pose else PancreasPose()
         # The depth (mm) of the fat bed around the gland (0: none; a stream of its own as well). Real glands lie in
         # retroperitoneal fat (`ct_a_full`: 58 % of the 4 mm around the gland below -40 HU, 94 % unlabelled), where
         # the template's gland touches liver, gallbladder and bowel (26-41 % below -40 HU; phantoms 1000, 1001, 1003).
-        self.pancreas_bed_mm = float(rng.spawn(1)[0].uniform(4.0, 12.0)) if pancreas_bed else 0.0
+        self.pancreas_bed_mm = float(rng.spawn(1)[0].uniform(4.0, 12.0)) if pancreas.bed else 0.0
 
     def pancreas_fat_share(self, shape: tuple[int, ...]) -> np.ndarray:
         """Share of fat in each voxel of a pancreas region of `shape`: the patient's mean, patchy between lobules
@@ -663,18 +691,17 @@ def acquire(canvas: Canvas, patient: Patient, rng: np.random.Generator) -> tuple
 
 
 def make_phantom(seed: int, phase: str | None = None, slice_mm: float | None = None,
-                 pancreas_fat: float = 0.0, pancreas_pose: bool = False, pancreas_bed: bool = False) -> Phantom:
+                 pancreas: PancreasVariant = PancreasVariant()) -> Phantom:
     """One synthetic patient: CT, MR twin and schema label map, deterministic in `seed`.
 
-    `phase` (one of `contrast.PHASES`) and `slice_mm` fix what is otherwise drawn from the seed; `pancreas_fat`
-    > 0 infiltrates the pancreas with fat, its mean share drawn up to that (labels and other tissues unchanged);
-    `pancreas_pose` draws the gland's pose (`PancreasPose`) instead of keeping the template's (the shapes painted
-    after it then draw differently from the seed's stream: beyond its `Patient` draws, another patient);
-    `pancreas_bed` lays the gland in retroperitoneal fat (`PANCREAS_BED_HELP`)."""
+    `phase` (one of `contrast.PHASES`) and `slice_mm` fix what is otherwise drawn from the seed; `pancreas` departs
+    from the template's gland: its fat infiltrates the gland (labels and other tissues unchanged), its pose moves it
+    (the shapes painted after it then draw differently from the seed's stream: beyond its `Patient` draws, another
+    patient), its bed lays it in retroperitoneal fat."""
     if phase is not None and phase not in contrast.PHASES:
         raise ValueError(f"unknown phase {phase!r}; expected one of {contrast.PHASES}")
     rng = np.random.default_rng(seed)
-    patient = Patient(rng, phase, slice_mm, pancreas_fat, pancreas_pose, pancreas_bed)
+    patient = Patient(rng, phase, slice_mm, pancreas)
     # The scan covers the abdomen from above the liver's dome to below the kidneys, with margins.
     z_low, z_high = -50.0 - rng.uniform(0, 30), 140.0 + rng.uniform(0, 25)
     side = int(round(rng.uniform(340, 480) / IN_PLANE_MM))  # a square field of view, as CT reconstructs
@@ -728,16 +755,14 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def write_sample_set(out: Path, count: int, seed: int, mr_count: int, slice_mm: float | None = None,
-                     phases: list[str] | None = None, pancreas_fat: float = 0.0,
-                     pancreas_pose: bool = False, pancreas_bed: bool = False) -> list[str]:
+                     phases: list[str] | None = None, pancreas: PancreasVariant = PancreasVariant()) -> list[str]:
     """CT studies in `out/ct` (labels in `out/ct/labels/final`), MR twins in `out/mr` likewise.
-    `phases`: the contrast phase of each study in turn (default: drawn from its seed); `pancreas_fat`,
-    `pancreas_pose` and `pancreas_bed`: see `make_phantom`."""
+    `phases`: the contrast phase of each study in turn (default: drawn from its seed); `pancreas`: see
+    `make_phantom`."""
     names = []
     for i in range(count):
         phase = phases[i % len(phases)] if phases else None
-        phantom = make_phantom(seed + i, phase=phase, slice_mm=slice_mm, pancreas_fat=pancreas_fat,
-                               pancreas_pose=pancreas_pose, pancreas_bed=pancreas_bed)
+        phantom = make_phantom(seed + i, phase=phase, slice_mm=slice_mm, pancreas=pancreas)
         name = f"phantom_{seed + i:03d}"
         save_nifti(phantom.ct, phantom.affine, out / "ct" / f"{name}.nii.gz")
         save_nifti(phantom.label, phantom.affine, out / "ct" / "labels" / "final" / f"{name}.nii.gz")
@@ -761,16 +786,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slice-mm", type=float, default=None, help="slice spacing (default: drawn per phantom)")
     parser.add_argument("--phases", default="", help=f"comma list of contrast phases to cycle through ({', '.join(contrast.PHASES)}); default: drawn")
-    parser.add_argument("--pancreas-fat", type=pancreas_fat_arg, default=0.0, metavar="SHARE",
-                        help="fat between the pancreas' lobules: each patient's mean share drawn from 0 to SHARE "
-                             "(default 0: lean glands)")
-    parser.add_argument("--pancreas-pose", action="store_true", help=PANCREAS_POSE_HELP)
-    parser.add_argument("--pancreas-bed", action="store_true", help=PANCREAS_BED_HELP)
+    add_pancreas_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     phases = [s.strip() for s in args.phases.split(",") if s.strip()] or None
-    write_sample_set(args.out, args.count, args.seed, args.mr_count, args.slice_mm, phases, args.pancreas_fat,
-                     args.pancreas_pose, args.pancreas_bed)
+    write_sample_set(args.out, args.count, args.seed, args.mr_count, args.slice_mm, phases,
+                     PancreasVariant.from_args(args))
 
 
 if __name__ == "__main__":

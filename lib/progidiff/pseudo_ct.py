@@ -26,7 +26,7 @@ from .data import Volume
 from .labels import ORGAN_IDS
 from .modality import intensity_modality
 from .phantom_shapes import smooth_field
-from .phantoms import Patient, scan_ct, texture_of
+from .phantoms import PancreasVariant, Patient, scan_ct, texture_of
 
 # Labelled organs → the phantom tissue whose CT value they take, as pseudo-MR maps them; kidneys, bowel and
 # bone are split further here.
@@ -88,7 +88,7 @@ def render(mr: np.ndarray, label: np.ndarray, spacing: tuple[float, float, float
     """(CT-like HU of the MR `mr` [X, Y, Z] with schema `label`, the contrast phase); `pancreas_fat` as the
     phantoms' (`phantoms.make_phantom`); `phase` one of `contrast.PHASES` (None: drawn, as training does)."""
     rng = np.random.default_rng(seed)
-    patient = Patient(rng, phase=phase, slice_mm=spacing[2], pancreas_fat=pancreas_fat)
+    patient = Patient(rng, phase=phase, slice_mm=spacing[2], pancreas=PancreasVariant(fat=pancreas_fat))
     body = body_mask(mr, label)
     unlabelled = body & (label == 0)
     if not unlabelled.any():

@@ -42,7 +42,7 @@ from .io_utils import atomic_file
 from .labels import ORGAN_IDS
 from .logs import configure_cli_logging
 from .model import ProGiDiffConfig, ProGiDiffModel
-from .phantoms import PANCREAS_BED_HELP, PANCREAS_POSE_HELP, pancreas_fat_arg
+from .phantoms import PancreasVariant, add_pancreas_arguments
 from .pipeline import prompt_encoder_for
 from .pseudo_ct import pseudo_ct_volumes
 from .pseudo_mr import pseudo_mr_volumes
@@ -84,12 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="z-slices of each --pseudo-ct MR never trained on (those the MR adapter is scored on)")
     p.add_argument("--pseudo-ct-weight", type=float, default=0.2,
                    help="share of samples drawn from the --pseudo-ct renderings (taken from the phantoms' share)")
-    p.add_argument("--pancreas-fat", type=pancreas_fat_arg, default=0.0, metavar="SHARE",
-                   help="fatty infiltration of the pancreas in the phantoms and --pseudo-ct renderings: each "
-                        "patient's mean fat share drawn from 0 to SHARE (0: lean glands; a real gland at 3 mm "
-                        "often reads near 0 HU)")
-    p.add_argument("--pancreas-pose", action="store_true", help=f"in the phantoms: {PANCREAS_POSE_HELP}")
-    p.add_argument("--pancreas-bed", action="store_true", help=f"in the phantoms: {PANCREAS_BED_HELP}")
+    add_pancreas_arguments(p, fat_reaches="the phantoms and --pseudo-ct renderings")
     p.add_argument("--hold-out", type=parse_ranges, default=None, metavar="Z0:Z1[,Z2:Z3]",
                    help="z-slices of each --volume kept for validation (e.g. 10:18, or 5:10,15:20)")
     p.add_argument("--real-weight", type=float, default=0.35, help="share of samples drawn from --volume data")
@@ -221,8 +216,7 @@ def load_data(args: argparse.Namespace) -> TrainingData:
     """The run's volumes: phantoms and renderings, the --volume studies split by --hold-out, validation."""
     normalisation = normalisation_for(args.modality)
     phantoms = phantom_volumes(args.phantoms, args.phantom_seed, args.modality, workers=os.cpu_count() or 1,
-                               pancreas_fat=args.pancreas_fat,
-                               pancreas_pose=args.pancreas_pose, pancreas_bed=args.pancreas_bed) if args.phantoms else []
+                               pancreas=PancreasVariant.from_args(args)) if args.phantoms else []
     val = phantom_volumes(args.val_phantoms, args.phantom_seed + 100000, args.modality) if args.val_phantoms else []
     for image, label, label_map in args.pseudo_mr:
         phantoms += pseudo_mr_volumes(load_volume_pair(image, label, label_map, spacing=args.spacing_mm),

@@ -38,7 +38,7 @@ from progidiff.data import SliceDataset, Volume, load_volume_pair, phantom_volum
 from progidiff.io_utils import atomic_file
 from progidiff.labels import ORGAN_IDS, class_map_from_label_info
 from progidiff.model import ProGiDiffConfig, ProGiDiffModel
-from progidiff.phantoms import MAX_PANCREAS_FAT
+from progidiff.phantoms import MAX_PANCREAS_FAT, PancreasVariant
 from progidiff.pipeline import prompt_encoder_for
 from progidiff.training import DiffusionTrainer, TrainConfig, leave_process_group
 
@@ -283,12 +283,12 @@ class ProGiDiffTrain(BasicTrainTask):
         when `phantoms` > 0 and `real_weight` < 1, that many procedural patients of this task's modality, as the
         shipped models' recipes mix them (model/README.md): a few labelled studies show a few levels and one
         body; phantoms show every level and keep organs they lack in their adult size ranges. `pancreas_fat`: the
-        phantoms' glands draw a fat share up to it (`progidiff.phantoms.make_phantom`; 0: lean)."""
+        phantoms' glands draw a fat share up to it (`progidiff.phantoms.PancreasVariant`; 0: lean)."""
         if not phantoms or real_weight >= 1.0:
             return [(volumes, 1.0)]
         start = time.time()
         synthetic = [self.prepared(v) for v in phantom_volumes(phantoms, PHANTOM_SEED, self.modality.lower(),
-                                                               pancreas_fat=pancreas_fat)]
+                                                               pancreas=PancreasVariant(fat=pancreas_fat))]
         logger.info("%d %s phantoms (seeds %d-%d, pancreas fat up to %g) at %.0f %% of the samples (%.0f s)",
                     phantoms, self.modality, PHANTOM_SEED, PHANTOM_SEED + phantoms - 1, pancreas_fat,
                     100 * (1 - real_weight), time.time() - start)
