@@ -46,7 +46,8 @@ def test_phantom_anatomy_and_intensities():
 
 
 def test_pancreas_fat_lowers_the_glands_hu_and_changes_nothing_else():
-    lean, fatty = make_phantom(6, phase="non-contrast"), make_phantom(6, phase="non-contrast", pancreas=PancreasVariant(fat=0.6))
+    lean = make_phantom(6, phase="non-contrast")
+    fatty = make_phantom(6, phase="non-contrast", pancreas=PancreasVariant(fat=0.6))
     pancreas = lean.label == ORGAN_IDS["pancreas"]
     assert np.array_equal(lean.label, fatty.label) and lean.meta["pancreas_fat"] == 0
     assert 0 < fatty.meta["pancreas_fat"] <= 0.6
@@ -71,7 +72,8 @@ def test_pancreas_pose_moves_the_glands_course():
 def test_a_posed_pancreas_is_the_same_patient_with_the_gland_elsewhere():
     # Seed 3 draws a gland 0.6 times the template's distance from the aorta (shapes painted after it differ:
     # they draw from the seed's stream after the gland's lobules).
-    template, posed = make_phantom(3, phase="non-contrast"), make_phantom(3, phase="non-contrast", pancreas=PancreasVariant(pose=True))
+    template = make_phantom(3, phase="non-contrast")
+    posed = make_phantom(3, phase="non-contrast", pancreas=PancreasVariant(pose=True))
     assert template.meta["pancreas_pose"] == {"x_scale": 1.0, "head_z_scale": 1.0, "body_z_scale": 1.0,
                                               "shift": [0.0, 0.0, 0.0]}
     assert posed.meta["pancreas_pose"]["x_scale"] == pytest.approx(0.6, abs=0.01)
@@ -86,7 +88,8 @@ def test_a_posed_pancreas_is_the_same_patient_with_the_gland_elsewhere():
 
 
 def test_a_pancreas_bed_lays_the_same_gland_in_fat():
-    packed, bedded = make_phantom(3, phase="non-contrast"), make_phantom(3, phase="non-contrast", pancreas=PancreasVariant(bed=True))
+    packed = make_phantom(3, phase="non-contrast")
+    bedded = make_phantom(3, phase="non-contrast", pancreas=PancreasVariant(bed=True))
     assert packed.meta["pancreas_bed_mm"] == 0 and 4 <= bedded.meta["pancreas_bed_mm"] <= 12
     gland = packed.label == ORGAN_IDS["pancreas"]
     np.testing.assert_array_equal(bedded.label == ORGAN_IDS["pancreas"], gland)  # the same gland, the same patient
